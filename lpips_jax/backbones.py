@@ -1,0 +1,137 @@
+"""The three LPIPS trunks as linen modules: port of torchvision's `features` stacks, cut at the LPIPS taps.
+
+Each module maps NHWC images to the tuple of post-ReLU activations that the official `lpips.pn.{alexnet,vgg16,
+squeezenet}` slices return (SPEC §1.3). Convolutions are named `features_{i}` after torchvision's `features.{i}`,
+so converting a torch state dict is a rename plus an OIHW -> HWIO transpose.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class _ConvOpts(nn.Module):
+  """Options every trunk shares: the compute dtype and the XLA convolution precision."""
+
+  dtype: Any = None
+  precision: Any = None
+
+  def conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, dtype=self.dtype,
+                   precision=self.precision, name=name)
+
+
+def _max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  # torch MaxPool2d with floor mode (AlexNet, VGG).
+  return nn.max_pool(x, (window, window), (stride, stride), padding="VALID")
+
+
+def _max_pool_ceil(x: jax.Array) -> jax.Array:
+  """torch `MaxPool2d(3, 2, ceil_mode=True)` (SqueezeNet): pad bottom/right with -inf so the last window fits.
+
+  torch's rule: out = ceil((H - 3) / 2) + 1, minus one when the last window would start past the input.
+  """
+  pads = []
+  for size in x.shape[1:3]:
+    out = math.ceil((size - 3) / 2) + 1
+    if (out - 1) * 2 >= size:
+      out -= 1
+    pads.append((0, max((out - 1) * 2 + 3 - size, 0)))
+  return nn.max_pool(x, (3, 3), (2, 2), padding=pads)  # reduce_window pads with its init value, -inf.
+
+
+class AlexNet(_ConvOpts):
+  """torchvision `alexnet().features[:12]`; taps relu1..relu5 (64, 192, 384, 256, 256 channels)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    relu1 = nn.relu(self.conv(64, 11, 4, 2, "features_0")(x))
+    relu2 = nn.relu(self.conv(192, 5, 1, 2, "features_3")(_max_pool(relu1, 3, 2)))
+    relu3 = nn.relu(self.conv(384, 3, 1, 1, "features_6")(_max_pool(relu2, 3, 2)))
+    relu4 = nn.relu(self.conv(256, 3, 1, 1, "features_8")(relu3))
+    relu5 = nn.relu(self.conv(256, 3, 1, 1, "features_10")(relu4))
+    return relu1, relu2, relu3, relu4, relu5
+
+
+# (torchvision index, output channels) of each 3x3 conv, one tuple per LPIPS slice; a 2x2 max pool opens every
+# slice but the first.
+_VGG16_SLICES = (((0, 64), (2, 64)), ((5, 128), (7, 128)), ((10, 256), (12, 256), (14, 256)),
+                 ((17, 512), (19, 512), (21, 512)), ((24, 512), (26, 512), (28, 512)))
+
+
+class VGG16(_ConvOpts):
+  """torchvision `vgg16().features[:30]` (no batch norm); taps relu1_2..relu5_3 (64, 128, 256, 512, 512)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    taps = []
+    for s, convs in enumerate(_VGG16_SLICES):
+      if s:
+        x = _max_pool(x, 2, 2)
+      for index, features in convs:
+        x = nn.relu(self.conv(features, 3, 1, 1, f"features_{index}")(x))
+      taps.append(x)
+    return tuple(taps)
+
+
+class Fire(_ConvOpts):
+  """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated in that order."""
+
+  squeeze: int = 0
+  expand: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(self.conv(self.squeeze, 1, 1, 0, "squeeze")(x))
+    return jnp.concatenate([nn.relu(self.conv(self.expand, 1, 1, 0, "expand1x1")(x)),
+                            nn.relu(self.conv(self.expand, 3, 1, 1, "expand3x3")(x))], axis=-1)
+
+
+# (torchvision index, squeeze channels, expand channels) of each Fire module, one tuple per LPIPS slice after
+# conv1; a ceil-mode max pool opens slices 2, 3 and 4.
+_SQUEEZENET_SLICES = (((3, 16, 64), (4, 16, 64)), ((6, 32, 128), (7, 32, 128)), ((9, 48, 192),), ((10, 48, 192),),
+                      ((11, 64, 256),), ((12, 64, 256),))
+
+
+class SqueezeNet(_ConvOpts):
+  """torchvision `squeezenet1_1().features`; taps conv1, fire3, fire5..fire9 (64, 128, 256, 384, 384, 512, 512)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    x = nn.relu(self.conv(64, 3, 2, 0, "features_0")(x))  # stride 2, no padding
+    taps = [x]
+    for s, fires in enumerate(_SQUEEZENET_SLICES):
+      if s < 3:
+        x = _max_pool_ceil(x)
+      for index, squeeze, expand in fires:
+        x = Fire(squeeze=squeeze, expand=expand, dtype=self.dtype, precision=self.precision,
+                 name=f"features_{index}")(x)
+      taps.append(x)
+    return tuple(taps)
+
+
+class Net(NamedTuple):
+  trunk: type[nn.Module]
+  channels: tuple[int, ...]  # of each tap, in order
+  min_size: int  # smallest input height and width for which every tap is non-empty (torch raises below it)
+
+
+NETS = {
+    "alex": Net(AlexNet, (64, 192, 384, 256, 256), 31),
+    "vgg": Net(VGG16, (64, 128, 256, 512, 512), 16),
+    "squeeze": Net(SqueezeNet, (64, 128, 256, 384, 384, 512, 512), 17),
+}
+# Other names the official package or torchvision use for the same trunks.
+ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze", "squeezenet1_1": "squeeze"}
+
+
+def net_name(net: str) -> str:
+  """The canonical net name ('alex', 'vgg' or 'squeeze') for `net` or one of its aliases."""
+  name = ALIASES.get(net, net)
+  if name not in NETS:
+    raise ValueError(f"unknown net {net!r}; choose one of {sorted(NETS)} (aliases: {sorted(ALIASES)})")
+  return name

@@ -1,0 +1,226 @@
+"""The LPIPS distance as pure functions over a params pytree (port of `lpips.LPIPS.forward`, lpips==0.1.4).
+
+A params pytree is a dict with
+  - the trunk, under its net name: `"alex"`, `"vgg"` or `"squeeze"` (linen params of `backbones.NETS[net].trunk`);
+  - `"scaling": {"shift": f32[3], "scale": f32[3]}` for version 0.1 only (the official `ScalingLayer` buffers);
+  - `"lin0"` ... `"lin{L-1}": {"kernel": f32[1, 1, C_l, 1]}`, the linear heads, absent for the uncalibrated
+    baseline (the official `lpips=False`).
+Which net, version and mode a call computes is read off this structure, so one jitted function serves them all.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from lpips_jax.backbones import NETS
+
+# Official ScalingLayer: ImageNet mean/std re-expressed for inputs in [-1, 1] (shift = 2 mean - 1, scale = 2 std).
+SHIFT = np.array([-.030, -.088, -.188], np.float32)
+SCALE = np.array([.458, .448, .450], np.float32)
+EPS = 1e-10  # official normalize_tensor: added outside the square root
+VERSIONS = ("0.0", "0.1")  # 0.1 scales the input; 0.0 is the original release, without scaling
+
+
+class Variant(NamedTuple):
+  net: str
+  scaled: bool  # version 0.1
+  lpips: bool  # linear heads (False: the uncalibrated baseline, an unweighted channel sum)
+
+
+def variant(params) -> Variant:
+  """Which net, version and mode `params` describes; raises if its top-level keys fit none."""
+  keys = set(params)
+  nets = sorted(keys & NETS.keys())
+  if len(nets) != 1:
+    raise ValueError(f"params must hold exactly one trunk, under one of {sorted(NETS)}; got top-level keys "
+                     f"{sorted(keys)}. Get params with lpips_jax.load(net, version).")
+  net = nets[0]
+  heads = {f"lin{k}" for k in range(len(NETS[net].channels))}
+  lpips = bool(keys & heads)
+  expected = {net} | ({"scaling"} & keys) | (heads if lpips else set())
+  if keys != expected:
+    raise ValueError(f"params for net {net!r}: missing keys {sorted(expected - keys)}, unexpected keys "
+                     f"{sorted(keys - expected)}; expected {sorted(expected)}.")
+  return Variant(net, "scaling" in keys, lpips)
+
+
+@functools.cache
+def param_shapes(net: str, version: str = "0.1", lpips: bool = True) -> dict:
+  """The pytree of parameter shapes for a variant: the reference every weight file and params is checked against."""
+  spec = NETS[net]
+  trunk = jax.eval_shape(spec.trunk().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  shapes = {net: jax.tree.map(lambda s: s.shape, trunk["params"])}
+  if version == "0.1":
+    shapes["scaling"] = {"shift": (3,), "scale": (3,)}
+  if lpips:
+    shapes.update({f"lin{k}": {"kernel": (1, 1, c, 1)} for k, c in enumerate(spec.channels)})
+  return shapes
+
+
+def check_params(params) -> Variant:
+  """The variant of `params`, after checking that every array has the shape the network needs."""
+  v = variant(params)
+  expected = param_shapes(v.net, "0.1" if v.scaled else "0.0", v.lpips)
+  got = jax.tree_util.tree_flatten_with_path(params)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda s: isinstance(s, tuple))[0])
+  names = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+  problems = [f"{names(p)}: missing" for p in want if p not in dict(got)]
+  problems += [f"{names(p)}: unexpected" if p not in want else f"{names(p)}: shape {jnp.shape(x)}, expected "
+               f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
+  if problems:
+    raise ValueError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
+  return v
+
+
+def normalize_channels(f: jax.Array) -> jax.Array:
+  """Unit-normalise each feature vector over channels (the last axis): `f / (||f||_2 + 1e-10)`.
+
+  The forward value is the official `normalize_tensor`'s, bit for bit. Its derivative is finite everywhere:
+  the official `sqrt` has an infinite derivative at an all-zero vector (common after ReLU) and the chain rule turns
+  it into NaN (lpips#69, #121; NaN in forward mode). Here the square root only ever sees positive inputs, so every
+  derivative of every order exists; at a zero vector the norm's derivative is taken as 0, and `d f / (||f|| + eps)`
+  is the exact derivative of the whole expression there.
+  """
+  sq = jnp.sum(f * f, axis=-1, keepdims=True)
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return f / (norm + EPS)
+
+
+def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
+  """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
+  x = jnp.asarray(x, jnp.float32)
+  if normalize:
+    x = 2 * x - 1
+  if "scaling" in params:
+    shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
+    x = (x - shift) / scale  # subtract, then divide, as the official
+  return x
+
+
+def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None) -> tuple[jax.Array, ...]:
+  """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l]."""
+  net = variant(params).net
+  trunk = NETS[net].trunk(dtype=dtype, precision=precision)
+  taps = trunk.apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
+  return tuple(normalize_channels(t.astype(jnp.float32)) for t in taps)
+
+
+def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[jax.Array]:
+  """Per-layer distance maps [N, h_l, w_l] between two tuples of normalised taps.
+
+  Each is `sum_c w_c (f0 - f1)^2` with the heads' weights w (the code's w, the paper's w^2: lpips#72), or the
+  plain channel sum for the baseline. `dropout_rng` applies the training-time Dropout(p=0.5) before each head.
+  """
+  lpips = variant(params).lpips
+  maps = []
+  for k, (n0, n1) in enumerate(zip(f0, f1)):
+    d = (n0 - n1) ** 2
+    if not lpips:
+      maps.append(jnp.sum(d, axis=-1))
+      continue
+    if dropout_rng is not None:
+      keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, k), 0.5, d.shape)
+      d = jnp.where(keep, d * 2, 0)
+    w = params[f"lin{k}"]["kernel"][0, 0, :, 0]
+    maps.append(jnp.dot(d, w, precision=jax.lax.Precision.HIGHEST))
+  return maps
+
+
+def reduce_maps(maps: list[jax.Array], *, spatial_size: tuple[int, int] | None = None) -> list[jax.Array]:
+  """Each map's spatial mean [N], or (with `spatial_size`) the map upsampled bilinearly to it [N, H, W].
+
+  `jax.image.resize` 'linear' samples at half-pixel centres and renormalises at the borders, which for upsampling
+  is torch's `nn.Upsample(size=..., mode='bilinear', align_corners=False)`.
+  """
+  if spatial_size is None:
+    return [jnp.mean(m, axis=(1, 2)) for m in maps]
+  return [jax.image.resize(m, (m.shape[0], *spatial_size), "linear") for m in maps]
+
+
+def total(terms: list[jax.Array]) -> jax.Array:
+  """Sum of the layer terms in layer order, as the official running sum."""
+  out = terms[0]
+  for t in terms[1:]:
+    out = out + t
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "per_layer", "normalize"))
+def _distance(params, a, b, *, spatial, per_layer, normalize):
+  check_params(params)  # at trace time: free once compiled
+  n = a.shape[0]
+  taps = features(params, jnp.concatenate([a, b]), normalize=normalize)  # one trunk call for both images
+  maps = layer_maps(params, [t[:n] for t in taps], [t[n:] for t in taps])
+  terms = reduce_maps(maps, spatial_size=a.shape[1:3] if spatial else None)
+  return (total(terms), terms) if per_layer else total(terms)
+
+
+def check_images(a, b, net: str, *, normalize: bool = False) -> None:
+  """Raise a ValueError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`."""
+  for name, x in (("a", a), ("b", b)):
+    shape, dtype = jnp.shape(x), jnp.result_type(x)
+    if len(shape) != 4:
+      hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
+      raise ValueError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
+    if shape[-1] != 3:
+      if shape[1] == 3:
+        raise ValueError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
+                         f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
+      hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
+      raise ValueError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]"
+                       f"{hint}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
+                       f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(f"a and b must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} (resize one first)")
+  h, w = jnp.shape(a)[1:3]
+  least = NETS[net].min_size
+  if h < least or w < least:
+    raise ValueError(f"images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
+                     f"(LPIPS was trained on 64x64 patches; upsample small images)")
+  lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
+  for name, x in (("a", a), ("b", b)):
+    if isinstance(x, jax.core.Tracer):
+      continue  # values are unknown under jit/grad/vmap; only concrete inputs are range-checked
+    x_min, x_max = float(jnp.min(x)), float(jnp.max(x))
+    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+             else "pass [-1, 1] images without normalize=True, or clip")
+      raise ValueError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                       f"{fix}")
+
+
+def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_layer: bool = False,
+             normalize: bool = False):
+  """LPIPS distance between two batches of images, as the official `lpips.LPIPS(...)(a, b)`.
+
+  Args:
+    params: pytree from `lpips_jax.load(net, version, lpips=...)`; it decides the net, version and baseline mode.
+    a, b: float images, NHWC [N, H, W, 3], RGB in [-1, 1] (or [0, 1] with `normalize=True`), of equal shape and at
+      least the net's minimum size (alex 31, vgg 16, squeeze 17 pixels).
+    spatial: return the distance map [N, H, W] (each layer's map upsampled bilinearly to the input size, summed)
+      instead of its mean.
+    per_layer: also return the list of per-layer terms, each shaped like the total.
+    normalize: the inputs are in [0, 1] (mapped by 2x - 1 first).
+
+  Returns:
+    float32 [N] (spatial: [N, H, W]); with `per_layer`, the pair `(total, [term_0, ..., term_{L-1}])`.
+
+  Example:
+    >>> params = lpips_jax.load("alex")
+    >>> a = jnp.zeros((2, 64, 64, 3)); b = jnp.full((2, 64, 64, 3), 0.5)
+    >>> lpips_jax.distance(params, a, b).shape
+    (2,)
+
+  Works under `jax.jit`, `jax.grad` (all derivatives are finite), `jax.vmap` and sharded inputs; concrete inputs
+  outside the value range raise, traced ones are not checked.
+  """
+  check_images(a, b, variant(params).net, normalize=normalize)
+  return _distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)

@@ -1,0 +1,64 @@
+"""Shared test setup: 8 fake CPU devices, strict JAX promotion, the official `lpips` package, example images."""
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import lpips_jax  # noqa: E402
+
+IMAGES = Path(lpips_jax.__file__).parent / "images"
+
+
+def import_official_lpips():
+  """The official lpips==0.1.4, importable offline on a CPU-only torch (ENVIRONMENT.md §1).
+
+  The registry's torchvision is a CUDA build whose compiled ops fail to load; its pure-Python model code works, so
+  its package `__init__` is bypassed by registering the package object directly.
+  """
+  import torch  # noqa: F401
+
+  if "torchvision" not in sys.modules:
+    spec = importlib.util.find_spec("torchvision")
+    package = types.ModuleType("torchvision")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torchvision"] = package
+  import torchvision.models  # noqa: F401
+  import lpips
+
+  return lpips
+
+
+@pytest.fixture(scope="session")
+def official():
+  return import_official_lpips()
+
+
+def official_model(net: str, version: str = "0.1", lpips: bool = True, *, seed: int = 0):
+  """An official `lpips.LPIPS` in eval mode with a random (torchvision-initialised) trunk and the packaged heads."""
+  import torch
+
+  torch.manual_seed(seed)
+  return import_official_lpips().LPIPS(net=net, version=version, lpips=lpips, pnet_rand=True,
+                                       verbose=False).eval()
+
+
+def load_image(name: str) -> np.ndarray:
+  """An example image as float32 [1, H, W, 3] in [-1, 1], as the official test scripts (x / 127.5 - 1)."""
+  from PIL import Image
+
+  return (np.asarray(Image.open(IMAGES / f"{name}.png").convert("RGB"), np.float32) / 127.5 - 1)[None]
+
+
+@pytest.fixture(scope="session")
+def examples():
+  return {name: load_image(name) for name in ("ex_ref", "ex_p0", "ex_p1")}
