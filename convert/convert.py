@@ -118,7 +118,7 @@ def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
     m = re.fullmatch(r"net\.slice\d+\.(\d+)\.(.+)", k)
     if m:
       trunk[f"features.{m[1]}.{m[2]}"] = v
-    elif k.startswith("lin"):
+    elif re.fullmatch(r"lin\d+\..+", k):
       heads[k] = v
     else:
       rest[k] = v

@@ -1,6 +1,8 @@
 """lpips-jax: the LPIPS perceptual distance (Zhang et al., CVPR 2018) in JAX, exact to the official `lpips` 0.1.4."""
 from lpips_jax.lpips import distance as distance
 from lpips_jax.lpips import features as features
+from lpips_jax.modules import LPIPS as LPIPS
+from lpips_jax.modules import NNXLPIPS as NNXLPIPS
 from lpips_jax.weights import load as load
 
-__all__ = ["distance", "features", "load"]
+__all__ = ["LPIPS", "NNXLPIPS", "distance", "features", "load"]

@@ -94,7 +94,8 @@ def normalize_channels(f: jax.Array) -> jax.Array:
 
 def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
   """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 when x64 is enabled and given
   if normalize:
     x = 2 * x - 1
   if "scaling" in params:
@@ -104,11 +105,14 @@ def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
 
 
 def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None) -> tuple[jax.Array, ...]:
-  """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l]."""
+  """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l].
+
+  Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
+  """
   net = variant(params).net
   trunk = NETS[net].trunk(dtype=dtype, precision=precision)
   taps = trunk.apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
-  return tuple(normalize_channels(t.astype(jnp.float32)) for t in taps)
+  return tuple(normalize_channels(t.astype(jnp.promote_types(t.dtype, jnp.float32))) for t in taps)
 
 
 def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[jax.Array]:

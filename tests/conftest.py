@@ -62,3 +62,9 @@ def load_image(name: str) -> np.ndarray:
 @pytest.fixture(scope="session")
 def examples():
   return {name: load_image(name) for name in ("ex_ref", "ex_p0", "ex_p1")}
+
+
+@pytest.fixture(scope="session")
+def make_official():
+  """`make_official(net, version='0.1', lpips=True, seed=0)` -> official `lpips.LPIPS` (see `official_model`)."""
+  return official_model

@@ -1,0 +1,74 @@
+"""LPIPS as a Flax module, for users who compose it into their own linen or NNX model.
+
+Both hold the pretrained weights as state of the user's model, loaded when the model is initialised, and call
+`lpips_jax.distance` on them. By default the weights are *not* trainable parameters: the linen module keeps them in
+the "lpips" collection (not "params"), the NNX module in `LPIPSWeights` variables (not `nnx.Param`), so an
+optimiser over the model's parameters never sees or decays them. `trainable=True` makes them parameters.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lpips_jax.lpips import distance
+from lpips_jax.weights import load
+
+
+def _pretrained(net: str, version: str, lpips: bool) -> dict:
+  return jax.tree.map(jnp.asarray, load(net, version, lpips=lpips))
+
+
+class LPIPS(nn.Module):
+  """LPIPS inside a linen model: `LPIPS(net)(a, b)` is `lpips_jax.distance(load(net, version), a, b)`.
+
+  Attributes:
+    net, version, lpips: as in `lpips_jax.load`.
+    trainable: put the weights in the "params" collection instead of "lpips".
+
+  Example:
+    >>> class Loss(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, target):
+    ...     return LPIPS("alex")(nn.Dense(3)(x), target).mean()
+    >>> variables = Loss().init(rng, x, target)   # {"params": ..., "lpips": ...}
+    >>> loss = Loss().apply(variables, x, target)   # grads w.r.t. variables["params"] leave LPIPS alone
+  """
+
+  net: str = "alex"
+  version: str = "0.1"
+  lpips: bool = True
+  trainable: bool = False
+
+  @nn.compact
+  def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
+    """Same arguments and result as `lpips_jax.distance`."""
+    weights = self.variable("params" if self.trainable else "lpips", "weights", _pretrained, self.net, self.version,
+                            self.lpips)
+    return distance(weights.value, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)
+
+
+class LPIPSWeights(nnx.Variable):
+  """The pretrained LPIPS weights in an NNX model: a variable type of its own, so `nnx.Param` filters skip it."""
+
+
+class NNXLPIPS(nnx.Module):
+  """LPIPS inside an NNX model: `NNXLPIPS(net)(a, b)` is `lpips_jax.distance(load(net, version), a, b)`.
+
+  `trainable=True` stores the weights as `nnx.Param` (e.g. to fine-tune the heads inside a larger model).
+
+  Example:
+    >>> metric = NNXLPIPS("alex")
+    >>> metric(a, b).shape
+    (N,)
+  """
+
+  def __init__(self, net: str = "alex", version: str = "0.1", *, lpips: bool = True, trainable: bool = False):
+    kind = nnx.Param if trainable else LPIPSWeights
+    self.weights = nnx.data(jax.tree.map(kind, _pretrained(net, version, lpips)))
+
+  def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
+    """Same arguments and result as `lpips_jax.distance`."""
+    params = jax.tree.map(lambda v: v.get_value(), self.weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)
