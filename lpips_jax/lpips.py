@@ -92,10 +92,15 @@ def normalize_channels(f: jax.Array) -> jax.Array:
   return f / (norm + EPS)
 
 
+def _float32_or_wider(dtype) -> type:
+  """float32, or float64 for float64 arrays (with jax_enable_x64): the metric never computes below float32."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
 def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
   """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
   x = jnp.asarray(x)
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 when x64 is enabled and given
+  x = x.astype(_float32_or_wider(x.dtype))
   if normalize:
     x = 2 * x - 1
   if "scaling" in params:
@@ -112,7 +117,7 @@ def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, preci
   net = variant(params).net
   trunk = NETS[net].trunk(dtype=dtype, precision=precision)
   taps = trunk.apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
-  return tuple(normalize_channels(t.astype(jnp.promote_types(t.dtype, jnp.float32))) for t in taps)
+  return tuple(normalize_channels(t.astype(_float32_or_wider(t.dtype))) for t in taps)
 
 
 def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[jax.Array]:
@@ -158,9 +163,11 @@ def total(terms: list[jax.Array]) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("spatial", "per_layer", "normalize"))
 def _distance(params, a, b, *, spatial, per_layer, normalize):
   check_params(params)  # at trace time: free once compiled
-  n = a.shape[0]
-  taps = features(params, jnp.concatenate([a, b]), normalize=normalize)  # one trunk call for both images
-  maps = layer_maps(params, [t[:n] for t in taps], [t[n:] for t in taps])
+  # One compiled trunk applied to a, then to b (a loop of two), so both go through identical code: d(x, x) is
+  # exactly 0 and d(a, b) == d(b, a) bit for bit, as in the official. (Two separate calls, or one call on the
+  # concatenated batch, let XLA compile them differently and differ in the last bits.)
+  taps = jax.lax.map(lambda x: features(params, x, normalize=normalize), jnp.stack([a, b]))
+  maps = layer_maps(params, [t[0] for t in taps], [t[1] for t in taps])
   terms = reduce_maps(maps, spatial_size=a.shape[1:3] if spatial else None)
   return (total(terms), terms) if per_layer else total(terms)
 
@@ -193,7 +200,8 @@ def check_images(a, b, net: str, *, normalize: bool = False) -> None:
   for name, x in (("a", a), ("b", b)):
     if isinstance(x, jax.core.Tracer):
       continue  # values are unknown under jit/grad/vmap; only concrete inputs are range-checked
-    x_min, x_max = float(jnp.min(x)), float(jnp.max(x))
+    values = np.asarray(x)  # concrete: check on the host, also when called while tracing something else
+    x_min, x_max = float(values.min()), float(values.max())
     if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
       fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
              else "pass [-1, 1] images without normalize=True, or clip")
