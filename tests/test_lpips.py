@@ -267,7 +267,7 @@ def test_nnx_module_weights_are_not_params_unless_asked():
   model = Generator()
   assert {path[0] for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {"dense"}
   weights_before = jax.tree.map(np.array, nnx.state(model.lpips))
-  optimizer = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, optax.chain(optax.add_decayed_weights(0.1), optax.sgd(1e-2)), wrt=nnx.Param)
   loss, grads = nnx.value_and_grad(lambda m: m(a, b))(model)
   optimizer.update(model, grads)
   assert model(a, b) < loss
