@@ -51,7 +51,7 @@ def _take(state: dict[str, np.ndarray], wanted: dict[str, tuple], what: str) -> 
   """Pick `wanted` {our path: our shape} from `state` {torch key: array}; every key must be there, shaped right."""
   out, problems = {}, []
   for path, shape in wanted.items():
-    key = _torch_key(path) if not path.startswith("lin") else path
+    key = _torch_key(path) if not path.startswith("lin") else path.replace("/kernel", ".model.1.weight")
     if key not in state:
       problems.append(f"missing key {key!r}")
       continue
@@ -98,9 +98,8 @@ def heads_from_torch(state, net: str) -> dict:
   if any(re.fullmatch(r"lin\d+\.model\.0\.weight", k) for k in state):
     raise ConversionError("keys lin{k}.model.0.weight come from LPIPS(use_dropout=False); the official loader "
                           "silently drops them (lpips#93). Rename them to lin{k}.model.1.weight to use them.")
-  state = {re.sub(r"\.model\.1\.weight$", "/kernel", k): v for k, v in state.items() if k.startswith("lin")}
   wanted = {f"lin{k}/kernel": (1, 1, c, 1) for k, c in enumerate(NETS[net].channels)}
-  extra = sorted(set(state) - set(wanted))
+  extra = sorted(set(state) - {p.replace("/kernel", ".model.1.weight") for p in wanted})
   if extra:
     raise ConversionError(f"{net} heads: unexpected keys {extra}")
   return unflatten(_take(state, wanted, f"{net} heads"))
