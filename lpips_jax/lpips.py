@@ -109,14 +109,20 @@ def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
   return x
 
 
-def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None) -> tuple[jax.Array, ...]:
+def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
+             remat: bool = False) -> tuple[jax.Array, ...]:
   """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l].
 
+  `dtype` (e.g. `jnp.bfloat16`) is the trunk's compute dtype; scaling, normalisation and the result stay float32.
+  `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
+  is TF32 or a bf16 pass). `remat` recomputes the trunk in the backward pass instead of storing its activations.
   Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
   """
   net = variant(params).net
-  trunk = NETS[net].trunk(dtype=dtype, precision=precision)
-  taps = trunk.apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
+  apply = NETS[net].trunk(dtype=dtype, precision=precision).apply
+  if remat:
+    apply = jax.checkpoint(apply)
+  taps = apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
   return tuple(normalize_channels(t.astype(_float32_or_wider(t.dtype))) for t in taps)
 
 
@@ -160,16 +166,26 @@ def total(terms: list[jax.Array]) -> jax.Array:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("spatial", "per_layer", "normalize"))
-def _distance(params, a, b, *, spatial, per_layer, normalize):
+def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | None = None,
+                           per_layer: bool = False):
+  """The distance between two tuples of `features` (e.g. of a fixed target computed once), as `distance`.
+
+  `spatial_size` (H, W) returns the spatial map [N, H, W] instead of the mean [N].
+  """
+  terms = reduce_maps(layer_maps(params, f0, f1), spatial_size=spatial_size)
+  return (total(terms), terms) if per_layer else total(terms)
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "per_layer", "normalize", "dtype", "precision", "remat"))
+def _distance(params, a, b, *, spatial, per_layer, normalize, dtype=None, precision=None, remat=False):
   check_params(params)  # at trace time: free once compiled
   # One compiled trunk applied to a, then to b (a loop of two), so both go through identical code: d(x, x) is
   # exactly 0 and d(a, b) == d(b, a) bit for bit, as in the official. (Two separate calls, or one call on the
   # concatenated batch, let XLA compile them differently and differ in the last bits.)
-  taps = jax.lax.map(lambda x: features(params, x, normalize=normalize), jnp.stack([a, b]))
-  maps = layer_maps(params, [t[0] for t in taps], [t[1] for t in taps])
-  terms = reduce_maps(maps, spatial_size=a.shape[1:3] if spatial else None)
-  return (total(terms), terms) if per_layer else total(terms)
+  taps = jax.lax.map(lambda x: features(params, x, normalize=normalize, dtype=dtype, precision=precision,
+                                        remat=remat), jnp.stack([a, b]))
+  return distance_from_features(params, [t[0] for t in taps], [t[1] for t in taps],
+                                spatial_size=a.shape[1:3] if spatial else None, per_layer=per_layer)
 
 
 def check_images(a, b, net: str, *, normalize: bool = False) -> None:
@@ -210,7 +226,7 @@ def check_images(a, b, net: str, *, normalize: bool = False) -> None:
 
 
 def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_layer: bool = False,
-             normalize: bool = False):
+             normalize: bool = False, dtype=None, precision=None, remat: bool = False):
   """LPIPS distance between two batches of images, as the official `lpips.LPIPS(...)(a, b)`.
 
   Args:
@@ -221,6 +237,9 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
       instead of its mean.
     per_layer: also return the list of per-layer terms, each shaped like the total.
     normalize: the inputs are in [0, 1] (mapped by 2x - 1 first).
+    dtype: the trunk's compute dtype, e.g. `jnp.bfloat16` (scaling, normalisation, heads and output stay float32).
+    precision: XLA convolution precision, e.g. 'highest' for float32 parity on GPU/TPU.
+    remat: rematerialise the trunk in the backward pass (less memory at high resolution, more compute).
 
   Returns:
     float32 [N] (spatial: [N, H, W]); with `per_layer`, the pair `(total, [term_0, ..., term_{L-1}])`.
@@ -235,4 +254,5 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   outside the value range raise, traced ones are not checked.
   """
   check_images(a, b, variant(params).net, normalize=normalize)
-  return _distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)
+  return _distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
+                   precision=precision, remat=remat)

@@ -1,0 +1,83 @@
+"""Sharded scoring on 8 fake CPU devices, and `distance` inside pmap and shard_map, equal the plain call."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import lpips_jax
+from lpips_jax.scoring import score_pairs
+
+
+@functools.cache
+def params_of(net):
+  return lpips_jax.load(net)
+
+
+def pairs(n, size=40, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+  return a, np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+
+
+def test_eight_devices_are_there():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+@pytest.mark.parametrize("n", [13, 21])
+def test_sharded_scoring_equals_single_device(net, n):
+  a, b = pairs(n)
+  single = np.asarray(lpips_jax.distance(params_of(net), a, b))
+  sharded = score_pairs(params_of(net), a, b, batch_size=8)
+  assert sharded.shape == (n,)
+  np.testing.assert_allclose(sharded, single, atol=1e-6, rtol=1e-6)
+
+
+def test_scoring_an_iterator_of_batches():
+  a, b = pairs(19)
+  batches = ((a[i:i + 5], b[i:i + 5]) for i in range(0, 19, 5))
+  np.testing.assert_allclose(score_pairs(params_of("alex"), batches, batch_size=8),
+                             lpips_jax.distance(params_of("alex"), a, b), atol=1e-6, rtol=1e-6)
+
+
+def test_distance_under_pmap_equals_the_plain_call():
+  a, b = pairs(16)
+  params = params_of("alex")
+  mapped = jax.pmap(lpips_jax.distance, in_axes=(None, 0, 0))(params, a.reshape(8, 2, 40, 40, 3),
+                                                                b.reshape(8, 2, 40, 40, 3))
+  np.testing.assert_allclose(np.asarray(mapped).reshape(-1), lpips_jax.distance(params, a, b), atol=1e-6, rtol=1e-6)
+
+
+def test_distance_under_shard_map_and_on_sharded_inputs_equals_the_plain_call():
+  a, b = pairs(16)
+  params = params_of("squeeze")
+  mesh = jax.make_mesh((8,), ("data",))
+  spec = PartitionSpec("data")
+  per_shard = jax.shard_map(lambda x, y: lpips_jax.distance(params, x, y), mesh=mesh, in_specs=(spec, spec),
+                            out_specs=spec)
+  plain = lpips_jax.distance(params, a, b)
+  sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (a, b)]
+  np.testing.assert_allclose(jax.jit(per_shard)(*sharded), plain, atol=1e-6, rtol=1e-6)
+  out = jax.jit(lpips_jax.distance)(params, *sharded)
+  np.testing.assert_allclose(out, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_cached_target_features_give_the_plain_distance():
+  a, b = pairs(4)
+  params = params_of("vgg")
+  target = jax.jit(lpips_jax.features)(params, b)  # computed once, reused for every prediction
+  for shift in (0.0, 0.1):
+    x = np.clip(a + shift, -1, 1)
+    np.testing.assert_allclose(lpips_jax.distance_from_features(params, lpips_jax.features(params, x), target),
+                               lpips_jax.distance(params, x, b), atol=1e-6, rtol=1e-6)
+  spatial = lpips_jax.distance_from_features(params, lpips_jax.features(params, a), target, spatial_size=(40, 40))
+  np.testing.assert_allclose(spatial, lpips_jax.distance(params, a, b, spatial=True), atol=1e-6, rtol=1e-6)
+
+
+def test_rematerialised_trunk_gives_the_same_gradient():
+  a, b = pairs(2, size=64)
+  params = params_of("alex")
+  grad = lambda remat: jax.grad(lambda x: lpips_jax.distance(params, x, b, remat=remat).sum())(a)
+  np.testing.assert_allclose(grad(True), grad(False), atol=1e-9, rtol=1e-5)
