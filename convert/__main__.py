@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         params = convert.from_lpips_state_dict(convert.load_pth(args.state_dict), args.net, args.version)
       save(args.out, params)
       paths = [args.out]
-  except Exception as e:  # a command line tool: one line, no traceback (torch's unpickling errors are many types)
+  except Exception as e:  # one line, no traceback: torch.load alone raises half a dozen types
     print(f"python -m convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return 1
   for path in paths:

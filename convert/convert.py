@@ -177,7 +177,12 @@ def load_pth(path: str | Path) -> dict[str, np.ndarray]:
   except ImportError:
     raise ConversionError(f"reading {path} needs torch: pip install 'jax-lpips[convert]'") from None
 
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: exactly what we must not do
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    raise ConversionError(f"{path} holds {found[1] if found else 'objects'} besides tensors; it is not loaded, "
+                          f"because unpickling it could run code. Save model.state_dict() instead") from None
   if not isinstance(state, dict):
     raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
   return _numpy(state)

@@ -1,6 +1,7 @@
 """The lpips-jax command: two images, two directories, all pairs, heat maps, and one-line errors."""
 import csv
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,12 @@ def load_image(name):
   return cli.read_image(IMAGES / f"{name}.png")[None]
 
 
-def run(*args, cwd=None):
-  return subprocess.run([sys.executable, "-m", "lpips_jax.cli", *map(str, args)], capture_output=True, text=True,
-                        cwd=cwd)
+def run(*args, cwd=None, env=None):
+  """The command in a fresh process; stdout/stderr decoded without turning tqdm's carriage returns into lines."""
+  result = subprocess.run([sys.executable, "-m", "lpips_jax.cli", *map(str, args)], capture_output=True, cwd=cwd,
+                          env=env)
+  result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+  return result
 
 
 def test_two_images_print_their_distance():
@@ -70,11 +74,18 @@ def test_spatial_heat_map_is_written_and_drawn_from_the_distance_map(tmp_path):
   out = tmp_path / "map.png"
   result = run(IMAGES / "ex_ref.png", IMAGES / "ex_p1.png", "--spatial", out)
   assert result.returncode == 0, result.stderr
-  assert Image.open(out).size == (3 * 64, 64)
-  params = lpips_jax.load("alex")
-  d_map = cli.heat_map(params, IMAGES / "ex_ref.png", IMAGES / "ex_p1.png", tmp_path / "again.png", resize=False)
+  png = np.asarray(Image.open(out))
+  assert png.shape == (64, 3 * 64, 3)
+  ref, p1 = load_image("ex_ref"), load_image("ex_p1")
+  np.testing.assert_array_equal(png[:, :64], np.asarray(Image.open(IMAGES / "ex_ref.png").convert("RGB")))
+  np.testing.assert_array_equal(png[:, 64:128], np.asarray(Image.open(IMAGES / "ex_p1.png").convert("RGB")))
+  # The third panel is the colour ramp of this very map (computed here, independently of the command) ...
+  d_map = np.asarray(lpips_jax.distance(lpips_jax.load("alex"), ref, p1, spatial=True))[0]
+  np.testing.assert_array_equal(png[:, 128:], cli.heat_colors(d_map))
+  # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (SPEC §1.2).
   scalar = float(result.stdout.split("\t")[1])
   assert abs(d_map.mean() - scalar) <= 0.05 * scalar
+  assert len(np.unique(png[:, 128:].reshape(-1, 3), axis=0)) > 10  # a map, not a flat colour
 
 
 def test_sizes_must_match_unless_resized(tmp_path):
@@ -84,21 +95,72 @@ def test_sizes_must_match_unless_resized(tmp_path):
   assert run(IMAGES / "ex_ref.png", tmp_path / "big.png", "--resize").returncode == 0
 
 
-@pytest.mark.parametrize("bad", ["missing", "not-an-image", "empty-dir", "tiny"])
+@pytest.mark.parametrize("bad", ["missing", "not-an-image", "truncated-png", "empty-dir", "tiny", "no-vgg-trunk",
+                                 "sizes-in-dirs"])
 def test_bad_inputs_exit_non_zero_with_one_line(bad, tmp_path):
+  env, expected = None, ""
   if bad == "missing":
-    args = [IMAGES / "ex_ref.png", tmp_path / "nope.png"]
+    args, expected = [IMAGES / "ex_ref.png", tmp_path / "nope.png"], "nope.png: no such file"
   elif bad == "not-an-image":
     (tmp_path / "fake.png").write_text("hello")
-    args = [IMAGES / "ex_ref.png", tmp_path / "fake.png"]
+    args, expected = [IMAGES / "ex_ref.png", tmp_path / "fake.png"], "fake.png: not a readable image"
+  elif bad == "truncated-png":
+    (tmp_path / "cut.png").write_bytes((IMAGES / "ex_p0.png").read_bytes()[:2000])
+    args, expected = [IMAGES / "ex_ref.png", tmp_path / "cut.png"], "cut.png: not a readable image"
   elif bad == "empty-dir":
-    args = [tmp_path]
-  else:
+    args, expected = [tmp_path], "fewer than two image files"
+  elif bad == "tiny":
     Image.new("RGB", (20, 20)).save(tmp_path / "t1.png")
     Image.new("RGB", (20, 20)).save(tmp_path / "t2.png")
-    args = [tmp_path / "t1.png", tmp_path / "t2.png"]
-  result = run(*args)
+    args, expected = [tmp_path / "t1.png", tmp_path / "t2.png"], "too small"
+  elif bad == "no-vgg-trunk":
+    env = {**os.environ, "LPIPS_JAX_WEIGHTS": str(tmp_path / "empty")}
+    args, expected = ["--net", "vgg", IMAGES / "ex_ref.png", IMAGES / "ex_p0.png"], "python -m convert sdist"
+  else:  # the progress bar is drawn when the error comes: it is wiped, leaving only the message
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(IMAGES / "ex_p0.png", tmp_path / "a" / "x.png")
+    Image.open(IMAGES / "ex_p0.png").resize((80, 72)).save(tmp_path / "b" / "x.png")
+    args, expected = [tmp_path / "a", tmp_path / "b"], "pass --resize"
+  result = run(*args, env=env)
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]  # what a terminal shows of each line
+  lines = [line for line in lines if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("lpips-jax: error:"), result.stderr
+  assert expected in lines[0]
+
+
+def test_grayscale_and_rgba_are_converted_with_a_note(tmp_path):
+  Image.open(IMAGES / "ex_p0.png").convert("RGBA").save(tmp_path / "rgba.png")
+  Image.open(IMAGES / "ex_p1.png").convert("L").save(tmp_path / "gray.png")
+  result = run(IMAGES / "ex_ref.png", tmp_path / "rgba.png", tmp_path / "gray.png")
+  assert result.returncode == 0, result.stderr
+  assert "rgba.png is RGBA, converted to RGB" in result.stderr and "gray.png is L, converted to RGB" in result.stderr
+  values = [float(line.split("\t")[1]) for line in result.stdout.splitlines()]
+  gray = np.asarray(Image.open(tmp_path / "gray.png").convert("RGB"), np.float32)[None] / 127.5 - 1
+  ref = load_image("ex_ref")
+  expected = lpips_jax.distance(lpips_jax.load("alex"), np.concatenate([ref, ref]),
+                                np.concatenate([load_image("ex_p0"), gray]))
+  np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_batches_group_pairs_by_size_and_give_the_pairwise_values(tmp_path):
+  paths = {}
+  for name, size in (("a", None), ("b", (80, 72)), ("c", None), ("d", (80, 72)), ("e", (96, 64))):
+    image = Image.open(IMAGES / f"ex_p{len(paths) % 2}.png")
+    paths[name] = tmp_path / f"{name}.png"
+    (image.resize(size, Image.BILINEAR) if size else image).save(paths[name])
+  ref = tmp_path / "ref.png"
+  shutil.copy(IMAGES / "ex_ref.png", ref)
+  params = lpips_jax.load("alex")
+  pairs = [(ref, paths["a"]), (paths["b"], paths["d"]), (ref, paths["c"]), (paths["e"], paths["e"]),
+           (paths["d"], paths["b"])]
+  batched = cli.pair_distances(params, pairs, resize=False, batch_size=4, progress=False)
+  one_by_one = [float(lpips_jax.distance(params, cli.read_image(x)[None], cli.read_image(y)[None])[0])
+                for x, y in pairs]
+  np.testing.assert_allclose(batched, one_by_one, rtol=1e-6, atol=1e-7)
+  assert batched[3] == 0 and batched[1] == pytest.approx(batched[4], abs=1e-6)  # d(x, x) = 0; symmetric
+  resized = cli.pair_distances(params, [(ref, paths["b"])], resize=True, batch_size=4, progress=False)
+  small = np.asarray(Image.open(paths["b"]).resize((64, 64), Image.BILINEAR), np.float32)[None] / 127.5 - 1
+  np.testing.assert_allclose(resized, lpips_jax.distance(params, load_image("ex_ref"), small), rtol=1e-6)

