@@ -55,11 +55,18 @@ def test_two_directories_give_a_csv_of_same_named_pairs_with_a_progress_bar(fold
   a, b = folders
   result = run(a, b, "-o", tmp_path / "out.csv", "--net", "squeeze")
   assert result.returncode == 0, result.stderr
+  assert result.stdout == ""
   rows = list(csv.DictReader(open(tmp_path / "out.csv")))
-  assert [r["a"].split("/")[-1] for r in rows] == ["ex_p0.png", "ex_p1.png", "ex_ref.png"]
-  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)
-  assert "batch/s" in result.stderr or "it/s" in result.stderr or "100%" in result.stderr  # tqdm on stderr
-  assert "converted to RGB" in result.stderr
+  assert [(r["a"], r["b"]) for r in rows] == [(str(a / n), str(b / n)) for n in ("ex_p0.png", "ex_p1.png",
+                                                                                 "ex_ref.png")]
+  params = lpips_jax.load("squeeze")
+  gray = cli.read_image(b / "ex_ref.png")[None]
+  expected = [lpips_jax.distance(params, load_image(x), y)[0] for x, y in
+              (("ex_p0", load_image("ex_ref")), ("ex_p1", load_image("ex_ref")), ("ex_ref", gray))]
+  np.testing.assert_allclose([float(r["distance"]) for r in rows], expected, atol=1e-6)
+  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)  # ENV §3
+  assert "100%" in result.stderr and "3/3" in result.stderr  # the tqdm bar, on stderr
+  assert f"{b / 'ex_ref.png'} is L, converted to RGB" in result.stderr
 
 
 def test_one_directory_gives_all_pairs(folders):
@@ -67,7 +74,12 @@ def test_one_directory_gives_all_pairs(folders):
   result = run(a)
   assert result.returncode == 0, result.stderr
   rows = list(csv.DictReader(io.StringIO(result.stdout)))
-  assert len(rows) == 3 and {(r["a"][-9:], r["b"][-10:]) for r in rows} >= {("ex_p0.png", "ex_ref.png")}
+  names = [(r["a"].split("/")[-1][:-4], r["b"].split("/")[-1][:-4]) for r in rows]
+  assert names == [("ex_p0", "ex_p1"), ("ex_p0", "ex_ref"), ("ex_p1", "ex_ref")]
+  params = lpips_jax.load("alex")
+  expected = [lpips_jax.distance(params, load_image(x), load_image(y))[0] for x, y in names]
+  np.testing.assert_allclose([float(r["distance"]) for r in rows], expected, atol=1e-6)
+  assert "100%" in result.stderr
 
 
 def test_spatial_heat_map_is_written_and_drawn_from_the_distance_map(tmp_path):
