@@ -35,8 +35,9 @@ def test_properties_of_every_variant(variant):
   d = lpips_jax.distance(params, a, b)
   assert d.shape == (2,) and d.dtype == jnp.float32
   assert np.all(np.asarray(d) > 0)
-  np.testing.assert_array_equal(lpips_jax.distance(params, b, a), d)  # exactly symmetric
-  np.testing.assert_array_equal(lpips_jax.distance(params, a, a), np.zeros(2, np.float32))  # d(x, x) = 0
+  # Symmetric, and d(x, x) = 0, up to the last bits of XLA's two separately compiled trunk calls.
+  np.testing.assert_allclose(lpips_jax.distance(params, b, a), d, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(lpips_jax.distance(params, a, a), np.zeros(2, np.float32), atol=1e-12)
   spatial = lpips_jax.distance(params, a, b, spatial=True)
   assert spatial.shape == (2, 48, 40) and spatial.dtype == jnp.float32
   total, terms = lpips_jax.distance(params, a, b, per_layer=True)
@@ -65,7 +66,8 @@ def test_jit_grad_and_vmap_compose_with_distance():
   looped = np.stack([lpips_jax.distance(params, x, y) for x, y in zip(stacked_a, stacked_b)])
   np.testing.assert_allclose(mapped, looped, rtol=1e-6)
   loss = lambda a: lpips_jax.distance(params, a, b).sum()
-  np.testing.assert_allclose(jax.jit(jax.grad(loss))(a), jax.grad(loss)(a), rtol=1e-5, atol=1e-9)
+  eager_grad = np.asarray(jax.grad(loss)(a))
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(a), eager_grad, rtol=0, atol=1e-5 * np.abs(eager_grad).max())
   # The params are an argument: gradients w.r.t. the heads exist (training uses them).
   head_grads = jax.grad(lambda p: lpips_jax.distance(p, a, b).sum())(params)
   assert np.abs(head_grads["lin0"]["kernel"]).max() > 0
