@@ -1,3 +1,0 @@
-from train.main import main
-
-main()
