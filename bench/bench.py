@@ -1,178 +1,300 @@
-"""Benchmark lpips-jax against the official PyTorch lpips, in one process, interleaved; prints paired ratios.
+"""Benchmark lpips-jax against the official PyTorch lpips 0.1.4, in one process, interleaved; prints paired ratios.
 
-For each case both implementations run the same weights on the same inputs, alternately, R times; the ratio is
-official time / lpips-jax time per repetition (above 1: lpips-jax is faster), and the table gives its median.
-lpips-jax is timed as `jax.jit(lpips_jax.distance)`, the way it runs inside a user's jitted step.
-Cases: forward at 64x64 batch 50 and 256x256 batch 8 (vgg 4); forward + gradient w.r.t. one image at 64x64
-batch 16 and 256x256 batch 4; first-call latency (compile + run); peak memory (separate processes); achieved FLOP/s
-as a fraction of the machine's measured float32 matmul peak.
+Both sides run the same weights (lpips-jax's pretrained params, loaded into the official module) on the same inputs.
+Each repetition times one call of each, alternating which goes first; the ratio is official time / lpips-jax time
+for that repetition (above 1: lpips-jax is faster) and the table gives the median and the range over repetitions.
+lpips-jax is timed as `jax.jit(lpips_jax.distance)`, the way it runs inside a user's jitted step; the official as
+`model(a, b)` under `torch.no_grad()` (forward) or with `.backward()` to the first image (gradient).
 
-Run: python bench/bench.py [--reps 7] [--nets alex,vgg,squeeze] [--gpu]   (--gpu: both on the GPU, TF32 off and
-JAX precision 'highest' for float32, plus bfloat16 rows)
+Cases: forward at 64x64 batch 50 and 256x256 batch 8 (vgg 4); forward + gradient w.r.t. one image (the loss use) at
+64x64 batch 16 and 256x256 batch 4. Per case: pairs/s, first-call latency (lpips-jax: trace + compile + run;
+official: first run), peak memory of one call in a fresh process (resident-set high-water mark above the process
+before the call; lpips-jax compiled beforehand), and the fraction of the machine's measured float32 matmul peak
+reached (model FLOPs counted from the convolution shapes: 2 trunk passes per pair forward, 3 with the gradient).
+Then the speed-up of cached target features (the loss against a fixed target) and the memory saved by `remat`.
+
+Run (from the repository root; needs the test extras and the official package, see README):
+  python bench/bench.py                    # CPU, float32, everything (about 15 minutes on 2 cores)
+  python bench/bench.py --nets alex --reps 5
+  python bench/bench.py --gpu              # both on the GPU: TF32 off and JAX precision 'highest' for float32,
+                                           # plus bfloat16 rows (JAX dtype=bfloat16, torch autocast)
+The script sets no XLA flags itself: whatever XLA_FLAGS the environment holds applies (and is printed).
 """
 import argparse
-import json
+import importlib.util
 import os
-import resource
+import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+import types
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import lpips_jax
+
 CASES = [("forward", 64, 50), ("forward", 256, 8), ("grad", 64, 16), ("grad", 256, 4)]
 
 
-def batch_for(net, kind, size, batch):
+def import_official():
+  """The official lpips==0.1.4 on a CPU-only torch: torchvision's package __init__ (compiled ops) is bypassed."""
+  import torch  # noqa: F401
+
+  if "torchvision" not in sys.modules:
+    package = types.ModuleType("torchvision")
+    package.__path__ = list(importlib.util.find_spec("torchvision").submodule_search_locations)
+    sys.modules["torchvision"] = package
+  import torchvision.models  # noqa: F401
+  import lpips
+
+  return lpips
+
+
+def official_model(net: str, params, device: str):
+  """An official `lpips.LPIPS` (eval mode) holding exactly `params` (trunk, heads)."""
+  import torch
+
+  from convert.convert import to_lpips_state_dict
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation
+    model = import_official().LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_lpips_state_dict(params).items()})
+  return model.to(device)
+
+
+def batch_for(net: str, kind: str, size: int, batch: int) -> int:
   return 4 if (net == "vgg" and kind == "forward" and size == 256) else batch
 
 
-def inputs(batch, size, seed=0):
+def inputs(batch: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A batch of random images and noisy copies, float32 NHWC in [-1, 1]."""
   rng = np.random.default_rng(seed)
   a = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   return a, np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
 
 
-def official_for(net, params, device):
-  import torch
-  from conftest import official_model
-  from convert.convert import to_lpips_state_dict
+def trunk_flops(params, size: int) -> int:
+  """FLOPs of one image's trunk pass, 2 * MACs of every convolution, counted from the layer shapes."""
+  jaxpr = jax.make_jaxpr(lambda x: lpips_jax.features(params, x))(jax.ShapeDtypeStruct((1, size, size, 3),
+                                                                                       jnp.float32))
 
-  model = official_model(net)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in to_lpips_state_dict(params).items()})
-  return model.to(device)
+  def count(jaxpr) -> int:
+    flops = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval.shape  # HWIO (flax's layout): spatial taps x input channels per group
+        flops += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod(kernel[:-1]))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        flops += count(sub)
+    return flops
+
+  return count(jaxpr.jaxpr)
 
 
-def torch_fn(model, kind, a, b, device):
+def torch_call(model, kind: str, a: np.ndarray, b: np.ndarray, device: str, bf16: bool = False):
+  """A function that runs one official forward (or forward + backward to `a`) and waits for it."""
+  import contextlib
+
   import torch
 
   ta, tb = (torch.tensor(x.transpose(0, 3, 1, 2), device=device) for x in (a, b))
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  if kind == "forward":
-    def run():
-      with torch.no_grad():
-        out = model(ta, tb)
-      sync()
-      return out
-  else:
-    def run():
-      x = ta.clone().requires_grad_(True)
-      model(x, tb).sum().backward()
-      sync()
-      return x.grad
-  return run
+  cast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+  def forward():
+    with torch.no_grad(), cast():
+      out = model(ta, tb)
+    sync()
+    return out
+
+  def gradient():
+    x = ta.clone().requires_grad_(True)
+    with cast():
+      loss = model(x, tb).sum()
+    loss.backward()
+    sync()
+    return x.grad
+
+  return forward if kind == "forward" else gradient
 
 
-def jax_fn(params, kind, a, b, dtype=None, precision=None):
+def jax_call(params, kind: str, a: np.ndarray, b: np.ndarray, dtype=None, precision=None):
+  """(run, jitted function, its arguments): `run` calls the jitted distance (or its input gradient) and waits."""
   a, b = jax.device_put(a), jax.device_put(b)
+  distance = lambda p, x, y: lpips_jax.distance(p, x, y, dtype=dtype, precision=precision)
   if kind == "forward":
-    f = jax.jit(lambda p, x, y: lpips_distance(p, x, y, dtype, precision))
+    f, args = jax.jit(distance), (params, a, b)
   else:
-    f = jax.jit(jax.grad(lambda x, p, y: lpips_distance(p, x, y, dtype, precision).sum()))
-  if kind == "forward":
-    return lambda: f(params, a, b).block_until_ready(), f, (params, a, b)
-  return lambda: f(a, params, b).block_until_ready(), f, (a, params, b)
+    f, args = jax.jit(jax.grad(lambda x, p, y: distance(p, x, y).sum())), (a, params, b)
+  return (lambda: jax.block_until_ready(f(*args))), f, args
 
 
-def lpips_distance(params, a, b, dtype, precision):
-  import lpips_jax
-
-  return lpips_jax.distance(params, a, b, dtype=dtype, precision=precision)
-
-
-def timed(fn):
+def timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
 
 
-def matmul_peak(n=2048, reps=5):
+def interleaved(fn_a, fn_b, reps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Times of `fn_a` and `fn_b`, one call each per repetition, alternating which runs first."""
+  ta, tb = [], []
+  for r in range(reps):
+    if r % 2:
+      tb.append(timed(fn_b))
+      ta.append(timed(fn_a))
+    else:
+      ta.append(timed(fn_a))
+      tb.append(timed(fn_b))
+  return np.array(ta), np.array(tb)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  """The machine's float32 matmul FLOP/s: the best of `reps` 2048^2 products, JAX or torch, whichever is faster."""
+  import torch
+
   x = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(x).block_until_ready()
-  best = min(timed(lambda: f(x).block_until_ready()) for _ in range(reps))
+  t = torch.ones(n, n)
+  t @ t
+  best = min(min(timed(lambda: f(x).block_until_ready()), timed(lambda: t @ t)) for _ in range(reps))
   return 2 * n ** 3 / best
 
 
-def peak_memory(side, net, kind, size, batch):
-  """Peak resident memory (MB) of one call in a fresh process, above the process after imports and setup."""
-  code = f"""
-import resource, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'tests')!r})
-import bench, lpips_jax
-params = lpips_jax.load({net!r}); a, b = bench.inputs({batch}, {size})
-if {side!r} == "torch":
-  run = bench.torch_fn(bench.official_for({net!r}, params, "cpu"), {kind!r}, a, b, "cpu")
-else:
-  run = bench.jax_fn(params, {kind!r}, a, b)[0]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-run()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-"""
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-  return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+def _status_kb(key: str) -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int) -> float:
+  """(Run in a fresh process) MB by which one call raises the resident-set high-water mark (Linux)."""
+  params = lpips_jax.load(net)
+  a, b = inputs(batch, size)
+  if side == "official":
+    import torch  # noqa: F401
+
+    run = torch_call(official_model(net, params, "cpu"), kind, a, b, "cpu")
+  else:
+    _, f, args = jax_call(params, kind, a, b)
+    compiled = f.lower(*args).compile()
+    run = lambda: jax.block_until_ready(compiled(*args))
+  before = _status_kb("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current resident set
+  run()
+  return (_status_kb("VmHWM") - before) / 1024
+
+
+def peak_memory(side: str, net: str, kind: str, size: int, batch: int) -> float:
+  out = subprocess.run([sys.executable, __file__, "--memory-of", side, net, kind, str(size), str(batch)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+  try:
+    return float(out.stdout.strip().splitlines()[-1])
+  except (IndexError, ValueError):
+    return float("nan")
+
+
+def case_rows(net, params, model, device, args, peak, dtype=None, precision=None, bf16=False):
+  """One table row per case for `net`, as Markdown."""
+  per_image = {size: trunk_flops(params, size) for size in (64, 256)}
+  label = "bfloat16" if bf16 else "float32"
+  for kind, size, batch in CASES:
+    batch = batch_for(net, kind, size, batch)
+    a, b = inputs(batch, size)
+    t_run = torch_call(model, kind, a, b, device, bf16)
+    first_official = timed(t_run)
+    j_run, _, _ = jax_call(params, kind, a, b, dtype, precision)
+    first_jax = timed(j_run)
+    t_run(), j_run()  # both warm
+    tt, tj = interleaved(t_run, j_run, args.reps)
+    ratios = tt / tj
+    flops = batch * per_image[size] * (2 if kind == "forward" else 3)
+    memory = "n/a"
+    if device == "cpu" and not args.no_memory:
+      memory = " / ".join(f"{peak_memory(s, net, kind, size, batch):.0f}" for s in ("jax", "official"))
+    name = f"{kind} {size}x{size}"
+    print(f"| {net} | {name} | {label} | {batch} | **{np.median(ratios):.2f}x** ({ratios.min():.2f}-{ratios.max():.2f}) "
+          f"| {batch / np.median(tj):.1f} | {batch / np.median(tt):.1f} | {first_jax:.2f} / {first_official:.2f} | "
+          f"{100 * flops / np.median(tj) / peak:.0f}% / {100 * flops / np.median(tt) / peak:.0f}% | {memory} |",
+          flush=True)
+
+
+def cached_target_rows(nets, reps):
+  """Speed-up of computing a fixed target's features once (`features` + `distance_from_features`)."""
+  print("\n| net | use (64x64, batch 16) | plain distance (ms) | cached target (ms) | speed-up (median, range) |")
+  print("|---|---|---|---|---|")
+  for net in nets:
+    params = lpips_jax.load(net)
+    a, b = (jnp.asarray(x) for x in inputs(16, 64))
+    target = jax.block_until_ready(jax.jit(lpips_jax.features)(params, b))
+    plain = lambda p, x, y: lpips_jax.distance(p, x, y)
+    cached = lambda p, x, t: lpips_jax.distance_from_features(p, lpips_jax.features(p, x), t)
+    for use, wrap in (("forward", lambda f: f), ("loss gradient", lambda f: jax.grad(lambda p, x, y: f(p, x, y).sum(),
+                                                                                     argnums=1))):
+      f_plain, f_cached = jax.jit(wrap(plain)), jax.jit(wrap(cached))
+      run_plain = lambda: jax.block_until_ready(f_plain(params, a, b))
+      run_cached = lambda: jax.block_until_ready(f_cached(params, a, target))
+      run_plain(), run_cached()
+      tp, tc = interleaved(run_plain, run_cached, reps)
+      r = tp / tc
+      print(f"| {net} | {use} | {1e3 * np.median(tp):.1f} | {1e3 * np.median(tc):.1f} | "
+            f"{np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f}) |", flush=True)
+
+
+def remat_rows(nets, size=256, batch=4):
+  """XLA's buffer assignment for the input gradient with and without `remat` (temporaries, MB)."""
+  print(f"\n| net | gradient {size}x{size}, batch {batch} | temporaries without remat (MB) | with remat (MB) |")
+  print("|---|---|---|---|")
+  for net in nets:
+    params = lpips_jax.load(net)
+    a, b = (jnp.asarray(x) for x in inputs(batch, size))
+    temp = []
+    for remat in (False, True):
+      f = jax.jit(jax.grad(lambda x, p, y: lpips_jax.distance(p, x, y, remat=remat).sum()))
+      temp.append(f.lower(a, params, b).compile().memory_analysis().temp_size_in_bytes / 2 ** 20)
+    print(f"| {net} | input gradient | {temp[0]:.0f} | {temp[1]:.0f} |", flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions per case (default 11)")
   parser.add_argument("--nets", default="alex,vgg,squeeze")
-  parser.add_argument("--gpu", action="store_true")
-  parser.add_argument("--no-memory", action="store_true")
+  parser.add_argument("--gpu", action="store_true", help="run both on the GPU (float32 and bfloat16 rows)")
+  parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+  parser.add_argument("--memory-of", nargs=5, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.memory_of:
+    side, net, kind, size, batch = args.memory_of
+    print(memory_of_one_call(side, net, kind, int(size), int(batch)))
+    return
   import torch
 
-  import lpips_jax
-
+  nets = args.nets.split(",")
   device = "cuda" if args.gpu else "cpu"
-  precision = "highest" if args.gpu else None
-  if args.gpu:
+  if args.gpu:  # float32 parity settings on both sides (SPEC §1.5): no TF32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
   peak = matmul_peak()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device} "
-        f"({torch.get_num_threads()} threads); float32 matmul peak {peak / 1e9:.1f} GFLOP/s\n")
-  print("| net | case | batch | official / lpips-jax (median, range) | lpips-jax pairs/s | official pairs/s | "
-        "first call jax / official (s) | % of matmul peak (jax) | peak MB jax / official |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for net in args.nets.split(","):
+  print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}; torch {torch.__version__} on {device} with {torch.get_num_threads()} "
+        f"threads (its default); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"load average at start {os.getloadavg()[0]:.1f}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+  print("| net | case | dtype | batch | official / lpips-jax (median, range) | lpips-jax pairs/s | official pairs/s | "
+        "first call (s) jax / official | % of matmul peak jax / official | peak MB jax / official |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for net in nets:
     params = lpips_jax.load(net)
-    model = official_for(net, params, device)
-    for kind, size, batch in CASES:
-      batch = batch_for(net, kind, size, batch)
-      a, b = inputs(batch, size)
-      t_run = torch_fn(model, kind, a, b, device)
-      first_torch = timed(t_run)
-      j_run, compiled, call_args = jax_fn(params, kind, a, b, precision=precision)
-      first_jax = timed(j_run)
-      flops = compiled.lower(*call_args).compile().cost_analysis().get("flops", float("nan"))
-      ratios, tj, tt = [], [], []
-      for _ in range(args.reps):
-        t1, t2 = timed(t_run), timed(j_run)
-        tt.append(t1)
-        tj.append(t2)
-        ratios.append(t1 / t2)
-      mj, mt = np.median(tj), np.median(tt)
-      memory = ("n/a" if args.no_memory or args.gpu else
-                f"{peak_memory('jax', net, kind, size, batch):.0f} / {peak_memory('torch', net, kind, size, batch):.0f}")
-      print(f"| {net} | {kind} {size}x{size} | {batch} | {np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
-            f" | {batch / mj:.1f} | {batch / mt:.1f} | {first_jax:.2f} / {first_torch:.2f} | "
-            f"{100 * flops / mj / peak:.0f}% | {memory} |", flush=True)
-    # Cached target features: repeated distances to a fixed target, the trunk run once for the target.
-    if net == "alex":
-      a, b = inputs(16, 64)
-      target = jax.jit(lpips_jax.features)(params, b)
-      cached = jax.jit(lambda p, x, t: lpips_jax.distance_from_features(p, lpips_jax.features(p, x), t))
-      plain = jax.jit(lpips_jax.distance)
-      cached(params, a, target).block_until_ready()
-      plain(params, a, b).block_until_ready()
-      r = [timed(lambda: plain(params, a, b).block_until_ready()) /
-           timed(lambda: cached(params, a, target).block_until_ready()) for _ in range(args.reps)]
-      print(f"\ncached target features (alex, 64x64, batch 16): {np.median(r):.2f}x faster than recomputing them\n")
+    model = official_model(net, params, device)
+    case_rows(net, params, model, device, args, peak, precision="highest" if args.gpu else None)
+    if args.gpu:
+      case_rows(net, params, model, device, args, peak, dtype=jnp.bfloat16, bf16=True)
+  cached_target_rows(nets, args.reps)
+  remat_rows(nets)
+  print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ so converting a torch state dict is a rename plus an OIHW -> HWIO transpose.
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -25,23 +25,30 @@ class _ConvOpts(nn.Module):
                    precision=self.precision, name=name)
 
 
-def _max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  # torch MaxPool2d with floor mode (AlexNet, VGG).
-  return nn.max_pool(x, (window, window), (stride, stride), padding="VALID")
+def _max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -> jax.Array:
+  """torch `MaxPool2d(window, stride, ceil_mode)` on NHWC, as the elementwise maximum of the window's strided views.
 
-
-def _max_pool_ceil(x: jax.Array) -> jax.Array:
-  """torch `MaxPool2d(3, 2, ceil_mode=True)` (SqueezeNet): pad bottom/right with -inf so the last window fits.
-
-  torch's rule: out = ceil((H - 3) / 2) + 1, minus one when the last window would start past the input.
+  Not `nn.max_pool`: XLA's CPU reduce_window is 3-7x slower forward, and the select_and_scatter of its gradient
+  7-17x slower, than slices and maxima (bench/pools.py); the values are the same (a maximum is exact).
+  ceil_mode (SqueezeNet): out = ceil((H - window) / stride) + 1, minus one when the last window would start past
+  the input; the missing bottom/right cells are -inf.
   """
-  pads = []
+  out = []
   for size in x.shape[1:3]:
-    out = math.ceil((size - 3) / 2) + 1
-    if (out - 1) * 2 >= size:
-      out -= 1
-    pads.append((0, max((out - 1) * 2 + 3 - size, 0)))
-  return nn.max_pool(x, (3, 3), (2, 2), padding=pads)  # reduce_window pads with its init value, -inf.
+    n = (size - window) // stride + 1
+    if ceil_mode:
+      n = -(-(size - window) // stride) + 1
+      if (n - 1) * stride >= size:
+        n -= 1
+    out.append(n)
+  need = [(n - 1) * stride + window for n in out]
+  if ceil_mode and any(k > size for k, size in zip(need, x.shape[1:3])):
+    pads = [(0, 0)] + [(0, max(k - size, 0)) for k, size in zip(need, x.shape[1:3])] + [(0, 0)]
+    x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  views = [jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + (out[0] - 1) * stride + 1,
+                                           j + (out[1] - 1) * stride + 1, x.shape[3]), (1, stride, stride, 1))
+           for i in range(window) for j in range(window)]
+  return functools.reduce(jnp.maximum, views)
 
 
 class AlexNet(_ConvOpts):
@@ -106,7 +113,7 @@ class SqueezeNet(_ConvOpts):
     taps = [x]
     for s, fires in enumerate(_SQUEEZENET_SLICES):
       if s < 3:
-        x = _max_pool_ceil(x)
+        x = _max_pool(x, 3, 2, ceil_mode=True)
       for index, squeeze, expand in fires:
         x = Fire(squeeze=squeeze, expand=expand, dtype=self.dtype, precision=self.precision,
                  name=f"features_{index}")(x)

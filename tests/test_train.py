@@ -1,0 +1,322 @@
+"""Training: one step equals the official trainer's; data parallel equals one device; the optimiser policy; float16
+loss scaling; learning end to end through `python -m train` (float32 and bfloat16); exact resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lpips_jax
+from convert.convert import to_lpips_state_dict
+from train.config import get_config
+from train.model import init_params, init_trunk, loss_fn
+from train.train import (LOSS_SCALE_PERIOD, init_state, lr_schedule, make_optimizer, make_train_step, nonneg_mask,
+                         train_step, trainable_labels, freeze)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup(net, mode, *, lr=1e-4, nonneg="official", seed=0):
+  params = init_params(jax.random.PRNGKey(seed), net=net, version="0.1", mode=mode)
+  tx = make_optimizer(params, mode=mode, schedule=lr_schedule(lr, 10, 5, 5), nonneg=nonneg)
+  return params, tx, init_state(params, tx, jax.random.PRNGKey(seed + 1))
+
+
+def example_batch(examples):
+  """Four triplets of the official example images, with judgments 0, 1, 0.5 and 0.2."""
+  r, a, b = examples["ex_ref"], examples["ex_p0"], examples["ex_p1"]
+  return {"ref": np.concatenate([r, r, a, b]), "p0": np.concatenate([a, b, r, a]),
+          "p1": np.concatenate([b, a, b, r]), "judge": np.float32([0, 1, .5, .2]), "weight": np.ones(4, np.float32)}
+
+
+def official_trainer(official, params, mode):
+  """The official `lpips.Trainer` in training mode, holding `params` (trunk, heads, ranking head), dropout off."""
+  trainer = official.Trainer()
+  trainer.initialize(model="lpips", net=lpips_jax.lpips.variant(params["lpips"]).net, use_gpu=False, is_train=True,
+                     pnet_rand=True, pnet_tune=mode != "lin")
+  state = to_lpips_state_dict(jax.tree.map(np.asarray, params["lpips"]))
+  trainer.net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  with torch.no_grad():
+    for i, conv in enumerate(rank_convs(trainer)):
+      conv.weight.copy_(torch.from_numpy(np.asarray(params["rank"][f"conv{i}"]["kernel"]).T[:, :, None, None].copy()))
+      conv.bias.copy_(torch.from_numpy(np.asarray(params["rank"][f"conv{i}"]["bias"])))
+  trainer.net.eval()  # dropout off (the trainer itself never calls eval)
+  return trainer
+
+
+def rank_convs(trainer):
+  return [m for m in trainer.rankLoss.net.model if isinstance(m, torch.nn.Conv2d)]
+
+
+def assert_close(ours, theirs, name, rel=1e-5):
+  err = np.max(np.abs(ours - theirs))
+  assert err <= rel * max(np.max(np.abs(theirs)), 1e-6), f"{name}: max error {err}, max value {np.abs(theirs).max()}"
+
+
+@pytest.mark.parametrize("net,mode", [("alex", "lin"), ("vgg", "lin"), ("squeeze", "lin"), ("alex", "tune")])
+def test_one_step_equals_the_official_trainer(net, mode, official, examples):
+  params, tx, state = setup(net, mode)
+  batch = example_batch(examples)
+  (loss, _), grads = jax.value_and_grad(lambda p: loss_fn(freeze(p, mode), batch), has_aux=True)(params)
+  new, metrics = jax.jit(lambda s, b: train_step(s, b, None, tx=tx, mode=mode))(state, batch)
+
+  trainer = official_trainer(official, params, mode)
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  trainer.set_input({"ref": nchw(batch["ref"]), "p0": nchw(batch["p0"]), "p1": nchw(batch["p1"]),
+                     "judge": torch.from_numpy(batch["judge"]).reshape(4, 1, 1, 1)})
+  trainer.optimize_parameters()  # forward, BCE, backward, Adam step, clamp_weights
+
+  assert abs(float(loss) - float(trainer.loss_total)) <= 1e-5 and float(metrics["loss"]) == float(loss)
+  # Gradients of every parameter the official trains (heads; the trunk in tune mode), and none elsewhere.
+  ours = to_lpips_state_dict(jax.tree.map(np.asarray, grads["lpips"]))
+  trained = {k: p for k, p in trainer.net.named_parameters() if p.grad is not None}
+  for key, p in trainer.net.named_parameters():
+    if p.grad is None:
+      assert not np.any(ours[key]), f"{key} is frozen in the official but has a gradient here"
+    else:
+      assert_close(ours[key], p.grad.numpy(), f"grad {key}")
+  assert {k.split(".")[0] for k in trained} == ({"net"} if mode == "tune" else set()) | {
+      f"lin{k}" for k in range(len(lpips_jax.backbones.NETS[net].channels))}
+  for i, conv in enumerate(rank_convs(trainer)):
+    assert_close(np.asarray(grads["rank"][f"conv{i}"]["kernel"]).T, conv.weight.grad.numpy()[:, :, 0, 0], "rank")
+    assert_close(np.asarray(grads["rank"][f"conv{i}"]["bias"]), conv.bias.grad.numpy(), "rank bias")
+  # After the step and the projection: every head, trunk (clamped 1x1 kernels of SqueezeNet included) and rank weight.
+  before = to_lpips_state_dict(jax.tree.map(np.asarray, params["lpips"]))
+  after = to_lpips_state_dict(jax.tree.map(np.asarray, new.params["lpips"]))
+  theirs = {k: v.numpy() for k, v in trainer.net.state_dict().items()}
+  for key in theirs:
+    np.testing.assert_allclose(after[key], theirs[key], rtol=0, atol=1e-5, err_msg=key)
+  heads = [k for k in theirs if k.startswith("lin")]
+  assert any(np.any(before[k] < 0) for k in heads)  # random init: the projection had work to do
+  for k in heads:
+    assert np.all(after[k] >= 0) and np.array_equal(after[k] == 0, theirs[k] == 0), k
+  trunk_changed = [k for k in theirs if k.startswith("net.") and not np.array_equal(before[k], theirs[k])]
+  if mode == "tune":
+    assert trunk_changed
+  elif net == "squeeze":  # official clamp_weights also clamps the frozen trunk's 1x1 convs
+    assert trunk_changed and all(k.endswith(("squeeze.weight", "expand1x1.weight")) for k in trunk_changed)
+  else:
+    assert not trunk_changed
+  for i, conv in enumerate(rank_convs(trainer)):
+    np.testing.assert_allclose(np.asarray(new.params["rank"][f"conv{i}"]["kernel"]).T,
+                               conv.weight.detach().numpy()[:, :, 0, 0], rtol=0, atol=1e-5)
+
+
+def random_batch(n, real, seed=0, size=64):
+  rng = np.random.default_rng(seed)
+  images = {k: rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32) for k in ("ref", "p0", "p1")}
+  images["p0"] = np.clip(images["ref"] + rng.normal(0, .2, images["ref"].shape), -1, 1).astype(np.float32)
+  weight = (np.arange(n) < real).astype(np.float32)
+  return {**images, "judge": rng.uniform(0, 1, n).astype(np.float32) * weight, "weight": weight}
+
+
+def test_data_parallel_step_equals_one_device_and_padding_is_masked():
+  assert jax.device_count() == 8
+  params, tx, state = setup("alex", "lin", lr=1e-2)
+  batch = random_batch(16, real=13)
+  rng = jax.random.PRNGKey(7)  # dropout on
+  one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  results = {}
+  for name, mesh, b in (("8 devices", jax.make_mesh((8,), ("data",)), batch), ("1 device", one, batch),
+                        ("unpadded", one, {k: v[:13] for k, v in batch.items()})):
+    fresh = jax.tree.map(jnp.array, state)  # the step donates its state
+    new, metrics = make_train_step(tx, mesh, mode="lin")(fresh, b, rng)
+    assert all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == mesh.size
+               for x in jax.tree.leaves(new))
+    results[name] = jax.device_get((new, metrics))
+  reference = results["1 device"]
+  for name in ("8 devices", "unpadded"):
+    (new, metrics) = results[name]
+    for key in ("loss", "acc", "grad_norm"):  # the gradient's scale: Adam's first step would hide it
+      np.testing.assert_allclose(metrics[key], reference[1][key], rtol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference[0].params)):
+      # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, rounding in g is amplified (lr = 1e-2).
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-3 * 1e-2, err_msg=name)
+  assert not np.array_equal(reference[0].params["lpips"]["lin0"]["kernel"], state.params["lpips"]["lin0"]["kernel"])
+
+
+def test_learning_rate_schedule_is_the_official_one():
+  spe = 7
+  schedule = lr_schedule(1e-4, spe, 5, 5)
+  per_epoch = [float(schedule(e * spe + s)) for e in range(10) for s in (0, spe - 1)]
+  expected = [1e-4] * 12 + [8e-5] * 2 + [6e-5] * 2 + [4e-5] * 2 + [2e-5] * 2
+  np.testing.assert_allclose(per_epoch, expected, rtol=1e-6)
+
+
+def test_what_is_trained_and_what_is_projected():
+  params = init_params(jax.random.PRNGKey(0), net="squeeze", version="0.1", mode="lin")
+  labels = {mode: trainable_labels(params, mode) for mode in ("lin", "tune", "scratch")}
+  for mode, tree in labels.items():
+    assert set(jax.tree.leaves(tree["lpips"]["scaling"])) == {"frozen"}  # never trained
+    assert set(jax.tree.leaves(tree["rank"])) == {"train"}
+    assert set(jax.tree.leaves({k: v for k, v in tree["lpips"].items() if k.startswith("lin")})) == {"train"}
+    assert set(jax.tree.leaves(tree["lpips"]["squeeze"])) == {"frozen" if mode == "lin" else "train"}
+  official, heads = (jax.tree.leaves(nonneg_mask(params, m)) for m in ("official", "heads"))
+  assert sum(official) == 7 + 2 * 8 and sum(heads) == 7  # 7 heads; squeeze + expand1x1 of 8 Fire modules
+  alex = init_params(jax.random.PRNGKey(0), net="alex", version="0.1", mode="lin")
+  assert sum(jax.tree.leaves(nonneg_mask(alex, "official"))) == 5  # AlexNet has no 1x1 convolutions
+
+  grads = jax.tree.map(jnp.ones_like, params)  # a gradient everywhere, even where the model would give none
+  for nonneg in ("official", "heads"):
+    tx = make_optimizer(params, mode="lin", schedule=lambda step: 1e-2, nonneg=nonneg)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam raises a float to an int32 power
+      updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_array_equal(new["lpips"]["scaling"]["shift"], params["lpips"]["scaling"]["shift"])
+    fire = new["lpips"]["squeeze"]["features_3"]
+    old = params["lpips"]["squeeze"]["features_3"]
+    np.testing.assert_array_equal(fire["expand3x3"]["kernel"], old["expand3x3"]["kernel"])
+    np.testing.assert_array_equal(fire["squeeze"]["bias"], old["squeeze"]["bias"])
+    if nonneg == "heads":
+      np.testing.assert_array_equal(fire["squeeze"]["kernel"], old["squeeze"]["kernel"])  # frozen, untouched
+    else:
+      np.testing.assert_array_equal(fire["squeeze"]["kernel"], np.maximum(old["squeeze"]["kernel"], 0))
+    assert all(np.all(new["lpips"][f"lin{k}"]["kernel"] >= 0) for k in range(7))
+
+
+def test_scratch_trunks_follow_torchvision_init(make_official):
+  for net in ("alex", "vgg", "squeeze"):
+    ours = init_trunk(jax.random.PRNGKey(0), net)
+    theirs = to_lpips_state_dict({net: ours})
+    official = make_official(net).state_dict()
+    for key in (k for k in theirs if k.startswith("net.")):
+      ref = official[key].numpy()
+      assert theirs[key].shape == ref.shape
+      if key.endswith("bias") and net != "alex":
+        assert not np.any(theirs[key]) and not np.any(ref)
+      elif ref.size > 1000:
+        np.testing.assert_allclose(theirs[key].std(), ref.std(), rtol=0.1, err_msg=key)
+        if net != "vgg":  # uniform: the same bound
+          np.testing.assert_allclose(np.abs(theirs[key]).max(), np.abs(ref).max(), rtol=0.02, err_msg=key)
+
+
+def test_float16_loss_scaling_skips_overflowing_steps():
+  # tune mode: the backward pass runs through the float16 trunk, where a too large loss scale overflows.
+  params, tx, state = setup("alex", "tune", lr=1e-2)
+  batch = random_batch(2, real=2)
+  step = jax.jit(lambda s, b: train_step(s, b, None, tx=tx, mode="tune", dtype=jnp.float16))
+  overflow, metrics = step(state._replace(loss_scale=jnp.float32(3e38)), batch)
+  assert not metrics["finite"] and overflow.loss_scale == np.float32(1.5e38) and int(overflow.step) == 1
+  for a, b in zip(jax.tree.leaves((overflow.params, overflow.opt_state)), jax.tree.leaves((state.params,
+                                                                                           state.opt_state))):
+    np.testing.assert_array_equal(a, b)  # skipped: nothing moved
+  grown, metrics = step(state._replace(loss_scale=jnp.float32(1024), good_steps=jnp.int32(LOSS_SCALE_PERIOD - 1)),
+                        batch)
+  assert metrics["finite"] and float(grown.loss_scale) == 2048 and int(grown.good_steps) == 0
+  assert not np.array_equal(grown.params["lpips"]["alex"]["features_0"]["kernel"],
+                            state.params["lpips"]["alex"]["features_0"]["kernel"])
+  _, plain = jax.jit(lambda s, b: train_step(s, b, None, tx=tx, mode="tune"))(state, batch)
+  # The gradient is unscaled: its norm is float32's, up to float16 rounding in the trunk.
+  np.testing.assert_allclose(metrics["grad_norm"], plain["grad_norm"], rtol=2e-2)
+  np.testing.assert_allclose(metrics["loss"], plain["loss"], rtol=1e-2)
+
+
+def test_config_defaults_are_the_reference_and_bad_values_are_named():
+  config = get_config()
+  assert (config.lr, config.b1, config.b2, config.eps, config.batch_size) == (1e-4, 0.5, 0.999, 1e-8, 50)
+  assert (config.epochs, config.epochs_decay, config.mode, config.nonneg) == (5, 5, "lin", "official")
+  assert config.datasets == ("train/traditional", "train/cnn", "train/mix")
+  with pytest.raises(ValueError, match=r"unknown mode 'fine'; choose one of \['lin', 'tune', 'scratch'\]"):
+    get_config(mode="fine")
+
+
+# -- through the command ---------------------------------------------------------------------------------------------
+
+def command(args, *, devices=1, wait=True):
+  """`python -m train ARGS` in a fresh process on `devices` CPU devices."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  process = subprocess.Popen([sys.executable, "-m", "train", "--quiet", *map(str, args)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return process
+  out, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, out[-3000:]
+  return out
+
+
+def records(workdir, kind):
+  lines = (json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines())
+  return [r for r in lines if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+  """A BAPPS-layout dataset of real photographs judged by the released Alex-lin plus noise (train/synthetic.py)."""
+  from train.synthetic import build
+
+  root = tmp_path_factory.mktemp("bapps")
+  return root, build(root, n_train=1000, n_val=300, n_jnd=20)
+
+
+def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(synthetic, tmp_path):
+  from train import eval as eval_command
+  from train.evaluate import score_2afc
+
+  root, sets = synthetic
+  teacher = score_2afc(**sets["val"])
+  common = ["--dataroot", root / "2afc", "--datasets", "train/synthetic", "--val_datasets", "val/synthetic",
+            "--epochs", 1, "--epochs_decay", 1, "--lr", 1e-2, "--log_every", 5]  # a higher lr: 40 steps, not 30k
+  final = {}
+  for dtype in ("float32", "bfloat16"):
+    command([*common, "--workdir", tmp_path / dtype, "--dtype", dtype])
+    evals = records(tmp_path / dtype, "eval")
+    initial, final[dtype] = 100 * evals[0]["val_mean"], 100 * evals[-1]["val_mean"]
+    print(f"{dtype}: held-out 2AFC {initial:.2f} at random init -> {final[dtype]:.2f}; teacher {100 * teacher:.2f}")
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert initial < 66  # a random metric: about chance (random head signs put it anywhere in ~35-65)
+    assert final[dtype] >= 100 * teacher - 2
+    train = records(tmp_path / dtype, "train")
+    assert train[-1]["step"] == 40 and train[-1]["loss"] < train[0]["loss"]
+  assert abs(final["bfloat16"] - final["float32"]) <= 1
+
+  # The exported metric loads with lpips_jax.load and `python -m train.eval` gives it the logged score.
+  weights = tmp_path / "float32" / "lpips.safetensors"
+  assert lpips_jax.lpips.check_params(lpips_jax.load(weights)).net == "alex"
+  scores = eval_command.main(["--weights", str(weights), "--dataroot", str(root), "--datasets", "val/synthetic"])
+  assert 100 * scores["val/synthetic"] == pytest.approx(final["float32"], abs=0.05)
+  assert (tmp_path / "float32" / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_killed_mid_epoch_resumes_exactly(synthetic, tmp_path):
+  root, _ = synthetic
+  small = tmp_path / "data" / "small"
+  for folder in ("ref", "p0", "p1", "judge"):  # the first 60 training triplets
+    (small / folder).mkdir(parents=True)
+    for path in sorted((root / "2afc" / "train" / "synthetic" / folder).iterdir())[:60]:
+      (small / folder / path.name).symlink_to(path)
+  args = ["--dataroot", tmp_path / "data", "--datasets", "small", "--val_datasets", "--batch_size", 10,
+          "--epochs", 2, "--epochs_decay", 1, "--lr", 1e-2, "--log_every", 1, "--checkpoint_every", 5]
+  command([*args, "--workdir", tmp_path / "whole"], devices=2)  # 6 steps per epoch, 18 in all
+
+  killed = command([*args, "--workdir", tmp_path / "killed"], devices=2, wait=False)
+  checkpoints = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 300
+  while not (checkpoints / "5").is_dir() and killed.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert killed.returncode == -signal.SIGKILL, killed.stdout.read()[-3000:]
+  assert not (tmp_path / "killed" / "lpips.safetensors").exists()
+  resumed_from = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert resumed_from in (5, 10, 15)  # mid-epoch: epochs end at steps 6, 12, 18
+  print(f"killed after checkpoint {resumed_from}")
+
+  from train.main import parse
+  from train.train import train_and_evaluate
+
+  _, config = parse([*map(str, args), "--workdir", "unused"])
+  with pytest.raises(FileExistsError, match="already holds checkpoints .* pass --resume"):
+    train_and_evaluate(config, tmp_path / "killed")  # without --resume
+  command([*args, "--workdir", tmp_path / "killed", "--resume"], devices=2)
+  for name in ("lpips.safetensors", "rank.safetensors"):
+    assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()  # bitwise
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs]
+  assert strip(records(tmp_path / "killed", "train")) == strip(records(tmp_path / "whole", "train"))

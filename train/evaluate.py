@@ -1,0 +1,120 @@
+"""Scoring (SPEC §4.1, §4.2): 2AFC agreement and JND mAP as pure numpy functions, and sharded distances over a set.
+
+`score_2afc` and `score_jnd` take arrays of distances from any metric. `evaluate_2afc` / `evaluate_jnd` compute
+LPIPS distances for a BAPPS set with `jax.jit` over a 1-D "data" mesh of all local devices (batch sharded, params
+replicated); the last batch is padded and its padding dropped before scoring.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from lpips_jax.lpips import features, layer_maps, reduce_maps, total
+from train.data import JND, TwoAFC, batches, prefetch
+from train.model import distances
+
+
+def _flat(name: str, x) -> np.ndarray:
+  x = np.asarray(x, np.float64).reshape(-1)
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} holds {np.sum(~np.isfinite(x))} non-finite values; scores need finite numbers")
+  return x
+
+
+def score_2afc(d0, d1, judge) -> float:
+  """The 2AFC score in [0, 1]: the mean over triplets of the fraction of people who agree with the metric.
+
+  d0, d1: distances of p0 and p1 to the reference, any shape with N elements; judge: the fraction of people who
+  preferred p1, N elements in [0, 1]. A triplet scores `1 - judge` if d0 < d1, `judge` if d1 < d0 and 0.5 for a tie
+  (official `score_2afc_dataset`).
+  """
+  d0, d1, judge = _flat("d0", d0), _flat("d1", d1), _flat("judge", judge)
+  if not d0.size == d1.size == judge.size:
+    raise ValueError(f"d0, d1 and judge must have as many elements; got {d0.size}, {d1.size}, {judge.size}")
+  if d0.size == 0:
+    raise ValueError("no triplets to score")
+  return float(np.mean((d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5))
+
+
+def voc_ap(rec: np.ndarray, prec: np.ndarray) -> float:
+  """Area under a precision-recall curve, the py-faster-rcnn VOC way (not VOC07's 11 points): recall padded with
+  0 and 1, precision with 0 and 0 and replaced by its running maximum from the right, summed where recall steps."""
+  mrec = np.concatenate([[0.0], rec, [1.0]])
+  mpre = np.concatenate([[0.0], prec, [0.0]])
+  mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+  steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+  return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def score_jnd(ds, sames) -> float:
+  """JND mAP in [0, 1]: how well small distances pick out the pairs people saw as the same (the paper's JND score).
+
+  ds: distances of N pairs (any shape; flattened, which the official HEAD forgets); sames: the fraction of people
+  who saw no difference, N elements in [0, 1], used as soft labels. Pairs are sorted by distance with a stable
+  sort (ties keep their input order). NaN if no one ever answered "same" (recall is undefined).
+  """
+  ds, sames = _flat("ds", ds), _flat("sames", sames)
+  if ds.size != sames.size or ds.size == 0:
+    raise ValueError(f"ds and sames must have as many elements, at least one; got {ds.size} and {sames.size}")
+  positives = np.sum(sames)
+  if positives == 0:
+    return float("nan")
+  same = sames[np.argsort(ds, kind="stable")]
+  tp = np.cumsum(same)
+  fp = np.cumsum(1 - same)
+  return voc_ap(tp / positives, tp / (tp + fp))
+
+
+@functools.cache
+def _sharded(mesh: jax.sharding.Mesh, kind: str, dtype):
+  replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  if kind == "2afc":
+    run = lambda params, ref, p0, p1: distances(params, ref, p0, p1, dtype=dtype)
+    return jax.jit(run, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
+
+  def jnd(params, p0, p1):
+    return total(reduce_maps(layer_maps(params, features(params, p0, dtype=dtype), features(params, p1, dtype=dtype))))
+
+  return jax.jit(jnd, in_shardings=(replicated, data, data), out_shardings=data)
+
+
+def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax.sharding.Mesh | None = None,
+                  dtype=None, workers: int = 4, progress: bool = False, desc: str = "") -> list[np.ndarray]:
+  """LPIPS distances of every example of a set, in order: `[d0, d1]` (2AFC) or `[d]` (JND), each f32 [N].
+
+  params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Batches of `batch_size` are padded to a multiple of the
+  mesh size and sharded over the mesh's "data" axis (default: all local devices).
+  """
+  mesh = mesh or jax.make_mesh((jax.local_device_count(),), ("data",))
+  padded = math.ceil(batch_size / mesh.size) * mesh.size
+  kind = "2afc" if isinstance(data, TwoAFC) else "jnd"
+  run = _sharded(mesh, kind, dtype)
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  keys = ("ref", "p0", "p1") if kind == "2afc" else ("p0", "p1")
+  outs = []
+  n = len(data.p0)
+  with ThreadPoolExecutor(workers) as pool:
+    stream = prefetch(batches(data, np.arange(n), batch_size, pad_to=padded, pool=pool), 2)
+    for batch in tqdm(stream, total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"):
+      out = run(params, *(jax.device_put(batch[k], sharding) for k in keys))
+      outs.append((out if kind == "2afc" else (out,), int(batch["weight"].sum())))
+  return [np.concatenate([np.asarray(o[i])[:count] for o, count in outs]) for i in range(len(keys) - 1)]
+
+
+def evaluate_2afc(params, data: TwoAFC, **options) -> tuple[float, np.ndarray, np.ndarray]:
+  """(2AFC score, d0, d1) of LPIPS with `params` on a 2AFC set; options as `set_distances`."""
+  d0, d1 = set_distances(params, data, **options)
+  return score_2afc(d0, d1, data.judge), d0, d1
+
+
+def evaluate_jnd(params, data: JND, **options) -> tuple[float, np.ndarray]:
+  """(JND mAP, d) of LPIPS with `params` on a JND set; options as `set_distances`."""
+  (d,) = set_distances(params, data, **options)
+  return score_jnd(d, data.same), d
