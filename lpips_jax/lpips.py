@@ -115,15 +115,19 @@ def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, preci
 
   `dtype` (e.g. `jnp.bfloat16`) is the trunk's compute dtype; scaling, normalisation and the result stay float32.
   `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
-  is TF32 or a bf16 pass). `remat` recomputes the trunk in the backward pass instead of storing its activations.
+  is TF32 or a bf16 pass). `remat` recomputes each trunk slice in the backward pass instead of storing its inner
+  activations.
   Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
   """
+  return tuple(map(normalize_channels, _taps(params, x, normalize, dtype, precision, remat)))
+
+
+def _taps(params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
+  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
   net = variant(params).net
-  apply = NETS[net].trunk(dtype=dtype, precision=precision).apply
-  if remat:
-    apply = jax.checkpoint(apply)
+  apply = NETS[net].trunk(dtype=dtype, precision=precision, remat=remat).apply
   taps = apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
-  return tuple(normalize_channels(t.astype(_float32_or_wider(t.dtype))) for t in taps)
+  return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
 def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[jax.Array]:
@@ -132,20 +136,20 @@ def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[
   Each is `sum_c w_c (f0 - f1)^2` with the heads' weights w (the code's w, the paper's w^2: lpips#72), or the
   plain channel sum for the baseline. `dropout_rng` applies the training-time Dropout(p=0.5) before each head.
   """
-  lpips = variant(params).lpips
-  maps = []
-  for k, (n0, n1) in enumerate(zip(f0, f1)):
-    d = (n0 - n1) ** 2
-    if not lpips:
-      maps.append(jnp.sum(d, axis=-1))
-      continue
-    if dropout_rng is not None:
-      # Drawn flat and reshaped: the same bits as drawing d.shape, but XLA compiles a 4-D draw several times slower.
-      keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, k), 0.5, (d.size,)).reshape(d.shape)
-      d = jnp.where(keep, d * 2, 0)
-    w = params[f"lin{k}"]["kernel"][0, 0, :, 0]
-    maps.append(jnp.dot(d, w, precision=jax.lax.Precision.HIGHEST))
-  return maps
+  return [layer_map(params, k, n0, n1, dropout_rng=dropout_rng) for k, (n0, n1) in enumerate(zip(f0, f1))]
+
+
+def layer_map(params, k: int, n0: jax.Array, n1: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Layer k's distance map [N, h, w] between its normalised taps (see `layer_maps`)."""
+  d = (n0 - n1) ** 2
+  if not variant(params).lpips:
+    return jnp.sum(d, axis=-1)
+  if dropout_rng is not None:
+    # Drawn flat and reshaped: the same bits as drawing d.shape, but XLA compiles a 4-D draw several times slower.
+    keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, k), 0.5, (d.size,)).reshape(d.shape)
+    d = jnp.where(keep, d * 2, 0)
+  w = params[f"lin{k}"]["kernel"][0, 0, :, 0]
+  return jnp.dot(d, w, precision=jax.lax.Precision.HIGHEST)
 
 
 def reduce_maps(maps: list[jax.Array], *, spatial_size: tuple[int, int] | None = None) -> list[jax.Array]:
@@ -183,8 +187,20 @@ def _distance(params, a, b, *, spatial, per_layer, normalize, dtype=None, precis
   # Two trunk calls, as the official. XLA may compile them differently, so d(a, b) and d(b, a), or d(x, x) and 0,
   # can differ in the last bits (~1e-16); running both through one `lax.map` loop would make them bitwise equal but
   # makes the backward pass several times slower on CPU (vgg 64x64: 7.7 s against 2.1 s per gradient step).
-  f0, f1 = (features(params, x, normalize=normalize, dtype=dtype, precision=precision, remat=remat) for x in (a, b))
-  return distance_from_features(params, f0, f1, spatial_size=a.shape[1:3] if spatial else None, per_layer=per_layer)
+  spatial_size = a.shape[1:3] if spatial else None
+  if not remat:
+    f0, f1 = (features(params, x, normalize=normalize, dtype=dtype, precision=precision) for x in (a, b))
+    return distance_from_features(params, f0, f1, spatial_size=spatial_size, per_layer=per_layer)
+  # Rematerialised: the backward pass keeps only the raw taps, and recomputes each trunk slice and each layer's
+  # normalisation and map on their own; normalised taps and squared differences are as large as the taps.
+  t0, t1 = (_taps(params, x, normalize, dtype, precision, remat) for x in (a, b))
+
+  def term(k, u0, u1):
+    return reduce_maps([layer_map(params, k, normalize_channels(u0), normalize_channels(u1))],
+                       spatial_size=spatial_size)[0]
+
+  terms = [jax.checkpoint(term, static_argnums=0)(k, u0, u1) for k, (u0, u1) in enumerate(zip(t0, t1))]
+  return (total(terms), terms) if per_layer else total(terms)
 
 
 def check_images(a, b, net: str, *, normalize: bool = False) -> None:
@@ -238,7 +254,8 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
     normalize: the inputs are in [0, 1] (mapped by 2x - 1 first).
     dtype: the trunk's compute dtype, e.g. `jnp.bfloat16` (scaling, normalisation, heads and output stay float32).
     precision: XLA convolution precision, e.g. 'highest' for float32 parity on GPU/TPU.
-    remat: rematerialise the trunk in the backward pass (less memory at high resolution, more compute).
+    remat: recompute each trunk slice and each layer's map in the backward pass instead of storing them (saves
+      what the gradient keeps; the peak memory gain depends on XLA's scheduler, see the README).
 
   Returns:
     float32 [N] (spatial: [N, H, W]); with `per_layer`, the pair `(total, [term_0, ..., term_{L-1}])`.

@@ -76,8 +76,12 @@ def test_cached_target_features_give_the_plain_distance():
   np.testing.assert_allclose(spatial, lpips_jax.distance(params, a, b, spatial=True), atol=1e-6, rtol=1e-6)
 
 
-def test_rematerialised_trunk_gives_the_same_gradient():
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+def test_rematerialised_trunk_gives_the_same_values_and_gradient(net):
   a, b = pairs(2, size=64)
-  params = params_of("alex")
+  params = params_of(net)
   grad = lambda remat: jax.grad(lambda x: lpips_jax.distance(params, x, b, remat=remat).sum())(a)
   np.testing.assert_allclose(grad(True), grad(False), atol=1e-9, rtol=1e-5)
+  for options in ({}, {"spatial": True}, {"per_layer": True}):
+    plain, remat = (lpips_jax.distance(params, a, b, remat=r, **options) for r in (False, True))
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-7, rtol=1e-6), plain, remat)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 MODES = ("lin", "tune", "scratch")  # SPEC §3.1: frozen pretrained trunk / pretrained trunk trained / random trunk
-DTYPES = ("float32", "bfloat16", "float16")  # the trunk's compute dtype; params, optimiser and loss stay float32
+# The trunk's compute dtype by name (None: float32); params, optimiser state and loss stay float32.
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NONNEG = ("official", "heads")  # which 1x1 kernels are projected onto >= 0 after each step
 
 
@@ -56,7 +59,7 @@ class Config:
 def get_config(**overrides) -> Config:
   """The reference configuration, with `overrides` (field=value) applied and checked."""
   config = dataclasses.replace(Config(), **overrides)
-  for name, valid in (("mode", MODES), ("dtype", DTYPES), ("nonneg", NONNEG), ("heads_init", ("random",
+  for name, valid in (("mode", MODES), ("dtype", tuple(DTYPES)), ("nonneg", NONNEG), ("heads_init", ("random",
                                                                                             "pretrained"))):
     if getattr(config, name) not in valid:
       raise ValueError(f"unknown {name} {getattr(config, name)!r}; choose one of {list(valid)}")

@@ -39,7 +39,8 @@ class JND(NamedTuple):
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
   if not folder.is_dir():
-    raise FileNotFoundError(f"{folder} is not a directory: a BAPPS set needs it (SPEC §4.3 layout)")
+    raise FileNotFoundError(f"{folder} is not a directory: a BAPPS 2AFC set holds ref/, p0/, p1/ and judge/, a JND "
+                            f"set p0/, p1/ and same/ (README, 'Training LPIPS')")
   found = [Path(root) / name for root, _, names in os.walk(folder) for name in names
            if name.lower().endswith(suffixes)]
   return sorted(found)

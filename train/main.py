@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 
-from train.config import Config, get_config
+from lpips_jax.backbones import NETS
+from train.config import DTYPES, MODES, NONNEG, Config, get_config
+
+CHOICES = {"net": sorted(NETS), "version": ["0.1", "0.0"], "mode": list(MODES), "dtype": list(DTYPES),
+           "nonneg": list(NONNEG), "heads_init": ["random", "pretrained"]}
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
-  parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0],
+  parser = argparse.ArgumentParser(prog="python -m train", description="Train LPIPS on 2AFC judgments (BAPPS layout); "
+                                   "the defaults are the official recipe. Settings: train/config.py.",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go")
   parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
@@ -25,7 +31,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
     elif typing.get_origin(kind) is tuple:
       parser.add_argument(flag, nargs="*", default=field.default, metavar="SET")
     else:
-      parser.add_argument(flag, type=kind, default=field.default)
+      parser.add_argument(flag, type=kind, default=field.default, choices=CHOICES.get(field.name))
   args = parser.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
   overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})
@@ -40,6 +46,9 @@ def main(argv=None) -> None:
   args, config = parse(argv)
   from train.train import train_and_evaluate  # after parsing: --help stays fast
 
-  record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet)
+  try:
+    record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet)
+  except (OSError, ValueError) as e:  # missing or mismatched data, a workdir in use, an incompatible checkpoint
+    sys.exit(f"python -m train: error: {e}")
   if record and record.get("val_mean") is not None:
     print(f"final mean 2AFC: {100 * record['val_mean']:.2f}")

@@ -23,12 +23,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lpips_jax.weights import save
-from train.config import Config
+from train.config import DTYPES, Config
 from train.data import batches, epoch_order, prefetch, read_2afc
 from train.evaluate import evaluate_2afc
 from train.model import init_params, loss_fn
 
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double after a run of
 # finite steps (the usual scheme of NVIDIA apex / torch.amp.GradScaler).
 LOSS_SCALE_INIT = 2.0 ** 15
@@ -146,7 +145,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None, *, tx: opt
 
 
 def make_train_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *, mode: str, dtype=None):
-  """`train_step` jitted data-parallel over `mesh`'s "data" axis: batch sharded, state replicated and donated."""
+  """`train_step` jitted data-parallel over `mesh`'s "data" axis (`local_mesh()`): batch sharded, state replicated
+  and donated. On a mesh with Explicit axes, place the state first: `jax.device_put(state, NamedSharding(mesh, P()))`."""
   replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
   return jax.jit(functools.partial(train_step, tx=tx, mode=mode, dtype=dtype),
                  in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated),
@@ -154,7 +154,9 @@ def make_train_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *
 
 
 def local_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.local_device_count(),), ("data",))
+  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
+  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # -- the training run ----------------------------------------------------------------------------------------------
