@@ -226,6 +226,10 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
   assert config.datasets == ("train/traditional", "train/cnn", "train/mix")
   with pytest.raises(ValueError, match=r"unknown mode 'fine'; choose one of \['lin', 'tune', 'scratch'\]"):
     get_config(mode="fine")
+  # Measured: float16 SqueezeNet overflows once the official projection has clamped its 1x1 trunk kernels.
+  with pytest.raises(ValueError, match="float16.*SqueezeNet.*use dtype 'bfloat16', or nonneg 'heads'"):
+    get_config(net="squeeze", dtype="float16")
+  assert get_config(net="squeeze", dtype="float16", nonneg="heads").dtype == "float16"
 
 
 # -- through the command ---------------------------------------------------------------------------------------------
@@ -285,13 +289,29 @@ def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(syntheti
   assert (tmp_path / "float32" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def first_triplets(synthetic, root, n):
+  """A 2AFC set `root/small` of the first n training triplets of the synthetic data (symbolic links)."""
+  small = root / "small"
+  for folder in ("ref", "p0", "p1", "judge"):
+    (small / folder).mkdir(parents=True)
+    for path in sorted((synthetic / "2afc" / "train" / "synthetic" / folder).iterdir())[:n]:
+      (small / folder / path.name).symlink_to(path)
+
+
+def test_a_diverging_run_stops_with_an_error_that_names_the_step(synthetic, tmp_path):
+  first_triplets(synthetic[0], tmp_path / "data", 20)
+  process = command(["--dataroot", tmp_path / "data", "--datasets", "small", "--val_datasets", "--batch_size", 10,
+                     "--epochs", 1, "--epochs_decay", 0, "--lr", 1e30, "--log_every", 1, "--workdir", tmp_path / "run"],
+                    wait=False)
+  out, _ = process.communicate(timeout=600)
+  assert process.returncode == 1, out[-3000:]
+  assert "python -m train: error: the training loss is nan at step 2: the weights diverged" in out
+  assert "Traceback" not in out
+
+
 def test_a_run_killed_mid_epoch_resumes_exactly(synthetic, tmp_path):
   root, _ = synthetic
-  small = tmp_path / "data" / "small"
-  for folder in ("ref", "p0", "p1", "judge"):  # the first 60 training triplets
-    (small / folder).mkdir(parents=True)
-    for path in sorted((root / "2afc" / "train" / "synthetic" / folder).iterdir())[:60]:
-      (small / folder / path.name).symlink_to(path)
+  first_triplets(root, tmp_path / "data", 60)
   args = ["--dataroot", tmp_path / "data", "--datasets", "small", "--val_datasets", "--batch_size", 10,
           "--epochs", 2, "--epochs_decay", 1, "--lr", 1e-2, "--log_every", 1, "--checkpoint_every", 5]
   command([*args, "--workdir", tmp_path / "whole"], devices=2)  # 6 steps per epoch, 18 in all

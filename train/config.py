@@ -73,4 +73,9 @@ def get_config(**overrides) -> Config:
     raise ValueError(f"epochs={config.epochs}, epochs_decay={config.epochs_decay}: need at least one epoch")
   if config.mode == "scratch" and config.heads_init == "pretrained":
     raise ValueError("heads_init='pretrained' needs the pretrained trunk; use mode 'lin' or 'tune'")
+  if config.dtype == "float16" and config.net == "squeeze" and config.nonneg == "official":
+    # Measured: once the projection zeroes the negative 1x1 trunk weights (first step), float16 activations
+    # overflow and every later loss is NaN; float32 and bfloat16 have the range.
+    raise ValueError("dtype='float16' cannot hold SqueezeNet's activations after the official projection clamps its "
+                     "1x1 trunk convolutions to non-negative weights; use dtype 'bfloat16', or nonneg 'heads'")
   return config

@@ -46,9 +46,9 @@ def main(argv=None) -> None:
   args, config = parse(argv)
   from train.train import train_and_evaluate  # after parsing: --help stays fast
 
-  try:
+  try:  # one line for missing or mismatched data, a workdir in use, an incompatible checkpoint, a diverged run
     record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet)
-  except (OSError, ValueError) as e:  # missing or mismatched data, a workdir in use, an incompatible checkpoint
+  except (OSError, ValueError, FloatingPointError) as e:
     sys.exit(f"python -m train: error: {e}")
   if record and record.get("val_mean") is not None:
     print(f"final mean 2AFC: {100 * record['val_mean']:.2f}")

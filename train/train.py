@@ -299,6 +299,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         pending.append(metrics)
         if step % config.log_every == 0 or step % steps_per_epoch == 0:
           values = jax.device_get(pending)
+          bad = [i for i, m in enumerate(values) if not np.isfinite(m["loss"])]
+          if bad:
+            hint = "; or --dtype bfloat16, which has float32's range" if config.dtype == "float16" else ""
+            raise FloatingPointError(
+                f"the training loss is {values[bad[0]]['loss']} at step {step - len(values) + bad[0] + 1}: the "
+                f"weights diverged or the forward pass overflowed; lower --lr{hint}")
           elapsed, started = time.perf_counter() - started, time.perf_counter()
           _write(log, {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                        "loss": float(np.mean([m["loss"] for m in values])),
