@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from lpips_jax.lpips import features, layer_maps, reduce_maps, total
+from lpips_jax import distance
 from train.data import JND, TwoAFC, batches, prefetch
 from train.model import distances
 
@@ -77,11 +77,14 @@ def _sharded(mesh: jax.sharding.Mesh, kind: str, dtype):
   if kind == "2afc":
     run = lambda params, ref, p0, p1: distances(params, ref, p0, p1, dtype=dtype)
     return jax.jit(run, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
+  run = lambda params, p0, p1: distance(params, p0, p1, dtype=dtype)
+  return jax.jit(run, in_shardings=(replicated, data, data), out_shardings=data)
 
-  def jnd(params, p0, p1):
-    return total(reduce_maps(layer_maps(params, features(params, p0, dtype=dtype), features(params, p1, dtype=dtype))))
 
-  return jax.jit(jnd, in_shardings=(replicated, data, data), out_shardings=data)
+def local_mesh() -> jax.sharding.Mesh:
+  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
+  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax.sharding.Mesh | None = None,
@@ -91,7 +94,7 @@ def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax
   params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Batches of `batch_size` are padded to a multiple of the
   mesh size and sharded over the mesh's "data" axis (default: all local devices).
   """
-  mesh = mesh or jax.make_mesh((jax.local_device_count(),), ("data",))
+  mesh = mesh or local_mesh()
   padded = math.ceil(batch_size / mesh.size) * mesh.size
   kind = "2afc" if isinstance(data, TwoAFC) else "jnd"
   run = _sharded(mesh, kind, dtype)

