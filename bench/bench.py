@@ -135,7 +135,7 @@ def torch_call(model, kind: str, a: np.ndarray, b: np.ndarray, device: str, bf16
   return forward if kind == "forward" else gradient
 
 
-def jax_call(params, kind: str, a: np.ndarray, b: np.ndarray, dtype=None, precision=None):
+def jax_call(params, kind: str, a: np.ndarray, b: np.ndarray, dtype=None, precision=None, remat=False):
   """(run, jitted function, its arguments): `run` calls the jitted distance (or its input gradient) and waits.
 
   With several devices the batch is sharded over all of them and the params replicated, as `score_pairs` and a
@@ -145,7 +145,7 @@ def jax_call(params, kind: str, a: np.ndarray, b: np.ndarray, dtype=None, precis
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   a, b = jax.device_put(a, data), jax.device_put(b, data)
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  distance = lambda p, x, y: lpips_jax.distance(p, x, y, dtype=dtype, precision=precision)
+  distance = lambda p, x, y: lpips_jax.distance(p, x, y, dtype=dtype, precision=precision, remat=remat)
   if kind == "forward":
     f, args = jax.jit(distance), (params, a, b)
   else:
@@ -190,7 +190,7 @@ def _status_kb(key: str) -> int:
     return next(int(line.split()[1]) for line in f if line.startswith(key))
 
 
-def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int) -> float:
+def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int, remat: bool = False) -> float:
   """(Run in a fresh process) MB by which one call raises the resident-set high-water mark (Linux)."""
   params = lpips_jax.load(net)
   a, b = inputs(batch, size)
@@ -199,7 +199,7 @@ def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int) ->
 
     run = torch_call(official_model(net, params, "cpu"), kind, a, b, "cpu")
   else:
-    _, f, args = jax_call(params, kind, a, b)
+    _, f, args = jax_call(params, kind, a, b, remat=remat)
     compiled = f.lower(*args).compile()
     run = lambda: jax.block_until_ready(compiled(*args))
   before = _status_kb("VmRSS")
@@ -209,8 +209,8 @@ def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int) ->
   return (_status_kb("VmHWM") - before) / 1024
 
 
-def peak_memory(side: str, net: str, kind: str, size: int, batch: int) -> float:
-  out = subprocess.run([sys.executable, __file__, "--memory-of", side, net, kind, str(size), str(batch)],
+def peak_memory(side: str, net: str, kind: str, size: int, batch: int, remat: bool = False) -> float:
+  out = subprocess.run([sys.executable, __file__, "--memory-of", side, net, kind, str(size), str(batch), str(int(remat))],
                        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
   try:
     return float(out.stdout.strip().splitlines()[-1])
@@ -265,18 +265,26 @@ def cached_target_rows(nets, reps):
             f"{np.median(r):.2f}x ({r.min():.2f}-{r.max():.2f}) |", flush=True)
 
 
-def remat_rows(nets, size=256, batch=4):
-  """XLA's buffer assignment for the input gradient with and without `remat` (temporaries, MB)."""
-  print(f"\n| net | gradient {size}x{size}, batch {batch} | temporaries without remat (MB) | with remat (MB) |")
-  print("|---|---|---|---|")
+def remat_rows(nets, size=256, batch=4, memory=True):
+  """What the input gradient keeps with and without `remat`: the arrays JAX saves for the backward pass (the leaves of
+  the `jax.vjp` function, weights included), XLA's buffer assignment for the whole gradient (temporaries), and the
+  peak memory of one call in a fresh process (as in the main table), in MB."""
+  print(f"\n| net | gradient {size}x{size}, batch {batch} | saved for the backward pass (MB) without / with remat | "
+        "XLA temporaries (MB) without / with | peak MB without / with |")
+  print("|---|---|---|---|---|")
   for net in nets:
     params = lpips_jax.load(net)
     a, b = (jnp.asarray(x) for x in inputs(batch, size))
-    temp = []
+    saved, temp, peak = [], [], []
     for remat in (False, True):
-      f = jax.jit(jax.grad(lambda x, p, y: lpips_jax.distance(p, x, y, remat=remat).sum()))
+      loss = lambda x, p, y: lpips_jax.distance(p, x, y, remat=remat).sum()
+      _, backward = jax.vjp(lambda x: loss(x, params, b), a)
+      saved.append(sum(leaf.nbytes for leaf in jax.tree.leaves(backward)) / 2 ** 20)
+      f = jax.jit(jax.grad(loss))
       temp.append(f.lower(a, params, b).compile().memory_analysis().temp_size_in_bytes / 2 ** 20)
-    print(f"| {net} | input gradient | {temp[0]:.0f} | {temp[1]:.0f} |", flush=True)
+      peak.append(peak_memory("jax", net, "grad", size, batch, remat) if memory else float("nan"))
+    print(f"| {net} | input gradient | {saved[0]:.0f} / {saved[1]:.0f} | {temp[0]:.0f} / {temp[1]:.0f} | "
+          f"{peak[0]:.0f} / {peak[1]:.0f} |", flush=True)
 
 
 def main():
@@ -285,11 +293,11 @@ def main():
   parser.add_argument("--nets", default="alex,vgg,squeeze")
   parser.add_argument("--gpu", action="store_true", help="run both on the GPU (float32 and bfloat16 rows)")
   parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-  parser.add_argument("--memory-of", nargs=5, help=argparse.SUPPRESS)
+  parser.add_argument("--memory-of", nargs=6, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.memory_of:
-    side, net, kind, size, batch = args.memory_of
-    print(memory_of_one_call(side, net, kind, int(size), int(batch)))
+    side, net, kind, size, batch, remat = args.memory_of
+    print(memory_of_one_call(side, net, kind, int(size), int(batch), remat == "1"))
     return
   import torch
 
@@ -313,7 +321,7 @@ def main():
     if args.gpu:
       case_rows(net, params, model, device, args, peak, dtype=jnp.bfloat16, bf16=True)
   cached_target_rows(nets, args.reps)
-  remat_rows(nets)
+  remat_rows(nets, memory=not args.no_memory)
   print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
