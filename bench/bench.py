@@ -59,7 +59,7 @@ def official_model(net: str, params, device: str):
   """An official `lpips.LPIPS` (eval mode) holding exactly `params` (trunk, heads)."""
   import torch
 
-  from convert.convert import to_lpips_state_dict
+  from lpips_jax.convert.convert import to_lpips_state_dict
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation

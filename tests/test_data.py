@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import JND, TwoAFC, batches, epoch_order, load_image, prefetch, read_2afc, read_jnd
+from lpips_jax.train.data import JND, TwoAFC, batches, epoch_order, load_image, prefetch, read_2afc, read_jnd
 
 
 def official_transform():

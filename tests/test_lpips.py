@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lpips_jax
-from convert.convert import to_lpips_state_dict
+from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.backbones import NETS
 from lpips_jax.lpips import EPS, features, normalize_channels
 

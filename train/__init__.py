@@ -1,1 +1,1 @@
-"""Training and evaluating LPIPS on BAPPS 2AFC judgments: `python -m train`, `python -m train.eval`."""
+"""Training and evaluating LPIPS on BAPPS 2AFC judgments: `lpips-jax train`, `lpips-jax eval`."""

@@ -1,3 +1,5 @@
-from train.main import main
+import sys
 
-main()
+from lpips_jax.train.main import main
+
+sys.exit(main())

@@ -2,9 +2,9 @@
 
 Run (after `scripts/download_dataset.sh` of the official repo, which leaves BAPPS in ./dataset):
 
-  python -m train --workdir runs/alex-lin                     # Alex-lin, 10 epochs, as train_test_metric.sh
-  python -m train --workdir runs/alex-lin --resume            # continue a killed run exactly
-  python -m train.eval --weights runs/alex-lin/lpips.safetensors
+  lpips-jax train --workdir runs/alex-lin                     # Alex-lin, 10 epochs, as train_test_metric.sh
+  lpips-jax train --workdir runs/alex-lin --resume            # continue a killed run exactly
+  lpips-jax eval --weights runs/alex-lin/lpips.safetensors
 
 Expected: the six BAPPS 2AFC validation sets average about 69.8% for Alex-lin (paper Table 5: 73.9 / 83.4 / 71.5 /
 61.2 / 65.3 / 63.2 on traditional / cnn / superres / deblur / color / frameinterp; lpips#64 reports 69.83 for a

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from lpips_jax import distance
-from train.data import JND, TwoAFC, batches, prefetch
-from train.model import distances
+from lpips_jax.train.data import JND, TwoAFC, batches, prefetch
+from lpips_jax.train.model import distances
 
 
 def _flat(name: str, x) -> np.ndarray:

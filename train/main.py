@@ -1,6 +1,6 @@
-"""`python -m train`: flags (one per `train.config.Config` field) -> `train.train.train_and_evaluate`.
+"""`lpips-jax train`: flags (one per `train.config.Config` field) -> `train.train.train_and_evaluate`.
 
-  python -m train --workdir runs/alex-lin [--net alex] [--mode lin|tune|scratch] [--dtype bfloat16] [--resume]
+  lpips-jax train --workdir runs/alex-lin [--net alex] [--mode lin|tune|scratch] [--dtype bfloat16] [--resume]
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import sys
 import typing
 
 from lpips_jax.backbones import NETS
-from train.config import DTYPES, MODES, NONNEG, Config, get_config
+from lpips_jax.train.config import DTYPES, MODES, NONNEG, Config, get_config
 
 CHOICES = {"net": sorted(NETS), "version": ["0.1", "0.0"], "mode": list(MODES), "dtype": list(DTYPES),
            "nonneg": list(NONNEG), "heads_init": ["random", "pretrained"]}
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
-  parser = argparse.ArgumentParser(prog="python -m train", description="Train LPIPS on 2AFC judgments (BAPPS layout); "
+  parser = argparse.ArgumentParser(prog="lpips-jax train", description="Train LPIPS on 2AFC judgments (BAPPS layout); "
                                    "the defaults are the official recipe. Settings: train/config.py.",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go")
@@ -44,11 +44,11 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
 
 def main(argv=None) -> None:
   args, config = parse(argv)
-  from train.train import train_and_evaluate  # after parsing: --help stays fast
+  from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
 
   try:  # one line for missing or mismatched data, a workdir in use, an incompatible checkpoint, a diverged run
     record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet)
   except (OSError, ValueError, FloatingPointError) as e:
-    sys.exit(f"python -m train: error: {e}")
+    sys.exit(f"lpips-jax train: error: {e}")
   if record and record.get("val_mean") is not None:
     print(f"final mean 2AFC: {100 * record['val_mean']:.2f}")

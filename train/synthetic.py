@@ -7,7 +7,7 @@ from "people" who follow a teacher metric (the released LPIPS by default) with l
 P(prefer p1) = sigmoid((d0 - d1) / temperature) per judge. The teacher's own 2AFC score on the result is the
 best a learned metric can expect.
 
-  python -m train.synthetic DIR     # DIR/2afc/{train,val}/synthetic, DIR/jnd/val/synthetic
+  lpips-jax synthetic DIR     # DIR/2afc/{train,val}/synthetic, DIR/jnd/val/synthetic
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _write(root: Path, folder: str, index: int, value) -> str:
 
 def _teacher_distances(teacher, a: list[str], b: list[str]) -> np.ndarray:
   import lpips_jax
-  from train.data import load_image
+  from lpips_jax.train.data import load_image
 
   x, y = (np.stack([load_image(p) for p in paths]) for paths in (a, b))
   return lpips_jax.score_pairs(teacher, x, y, batch_size=50)
@@ -132,11 +132,17 @@ def build(root: str | Path, *, n_train: int = 600, n_val: int = 300, n_jnd: int 
   }
 
 
-if __name__ == "__main__":
-  from train.evaluate import score_2afc, score_jnd
+def main(argv=None) -> None:
+  """`lpips-jax synthetic DIR`: build the set and print the teacher's scores on it."""
+  from lpips_jax.train.evaluate import score_2afc, score_jnd
 
-  if len(sys.argv) != 2:
-    sys.exit("usage: python -m train.synthetic DIR")
-  sets = build(sys.argv[1])
+  argv = sys.argv[1:] if argv is None else argv
+  if len(argv) != 1 or argv[0].startswith("-"):
+    sys.exit("usage: lpips-jax synthetic DIR")
+  sets = build(argv[0])
   print(f"teacher 2AFC: train {100 * score_2afc(**sets['train']):.2f}, val {100 * score_2afc(**sets['val']):.2f}; "
         f"JND mAP {100 * score_jnd(sets['jnd']['d'], sets['jnd']['same']):.2f}")
+
+
+if __name__ == "__main__":
+  main()

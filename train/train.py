@@ -23,10 +23,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lpips_jax.weights import save
-from train.config import DTYPES, Config
-from train.data import batches, epoch_order, prefetch, read_2afc
-from train.evaluate import evaluate_2afc, local_mesh
-from train.model import init_params, loss_fn
+from lpips_jax.train.config import DTYPES, Config
+from lpips_jax.train.data import batches, epoch_order, prefetch, read_2afc
+from lpips_jax.train.evaluate import evaluate_2afc, local_mesh
+from lpips_jax.train.model import init_params, loss_fn
 
 # Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double after a run of
 # finite steps (the usual scheme of NVIDIA apex / torch.amp.GradScaler).

@@ -1,9 +1,9 @@
-"""`python -m train.eval`: score LPIPS weights on BAPPS (as the official test_dataset_model.py, JND fixed).
+"""`lpips-jax eval`: score LPIPS weights on BAPPS (as the official test_dataset_model.py, JND fixed).
 
-  python -m train.eval                                   # released Alex v0.1 on the six 2AFC val sets
-  python -m train.eval --weights runs/alex-lin/lpips.safetensors
-  python -m train.eval --weights vgg --mode jnd          # JND mAP on val/traditional and val/cnn
-  python -m train.eval --weights squeeze --baseline      # the uncalibrated trunk (official model='baseline')
+  lpips-jax eval                                   # released Alex v0.1 on the six 2AFC val sets
+  lpips-jax eval --weights runs/alex-lin/lpips.safetensors
+  lpips-jax eval --weights vgg --mode jnd          # JND mAP on val/traditional and val/cnn
+  lpips-jax eval --weights squeeze --baseline      # the uncalibrated trunk (official model='baseline')
 
 Prints one line per set, `  Dataset [val/cnn]: 83.xx` (score in %), then the mean.
 """
@@ -14,14 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import DTYPES
+from lpips_jax.train.config import DTYPES
 
 SETS = {"2afc": ("val/traditional", "val/cnn", "val/superres", "val/deblur", "val/color", "val/frameinterp"),
         "jnd": ("val/traditional", "val/cnn")}
 
 
 def parse(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0],
+  parser = argparse.ArgumentParser(prog="lpips-jax eval", description=__doc__.splitlines()[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--weights", default="alex", help="'alex', 'vgg', 'squeeze' (released weights) or the path "
                       "of a .safetensors params file (e.g. a training run's lpips.safetensors)")
@@ -42,14 +42,14 @@ def main(argv=None) -> dict[str, float]:
   try:  # one line for a missing weights file or data folder, mismatched folders, a corrupt file
     return score(args)
   except (OSError, ValueError) as e:
-    sys.exit(f"python -m train.eval: error: {e}")
+    sys.exit(f"lpips-jax eval: error: {e}")
 
 
 def score(args: argparse.Namespace) -> dict[str, float]:
   """Score the weights `args` name on each set, printing as the official test_dataset_model.py."""
   import lpips_jax
-  from train.data import read_2afc, read_jnd
-  from train.evaluate import evaluate_2afc, evaluate_jnd
+  from lpips_jax.train.data import read_2afc, read_jnd
+  from lpips_jax.train.evaluate import evaluate_2afc, evaluate_jnd
 
   path = Path(args.weights)
   if args.weights.endswith(".safetensors") or path.is_file():
