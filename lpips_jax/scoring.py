@@ -1,32 +1,25 @@
-"""Scoring many image pairs on every device: data-parallel `distance` over a 1-D "data" mesh, multi-host ready.
+"""The one engine for many pairs: a jitted function over fixed-shape, padded batches on every device of every process.
 
-The batch is sharded over the mesh (`jax.jit` with `NamedSharding`), the params are replicated, the last batch is
-padded and the padding dropped. Under `jax.distributed` each process passes its own pairs and gets their distances
-back in order; all processes run the same number of steps.
+`run_batches` is what `score_pairs`, the `lpips-jax` command and BAPPS evaluation (`lpips_jax.train.evaluate`) use.
+Each batch is padded to one fixed size (so a set compiles once per image size, not once per batch), sharded over a
+1-D "data" mesh (`jax.jit` with `NamedSharding`, params replicated), dispatched asynchronously, and its results
+fetched one step behind: while the devices compute batch i, the host pads and sends batch i + 1. Under
+`jax.distributed` each process passes its own batches and gets their results back in order; all processes run
+the same number of steps. `prefetch` moves the producer of the batches (image decoding) onto a background thread.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.lpips import _distance, check_images, variant
-
-
-@functools.cache
-def _sharded_distance(mesh: jax.sharding.Mesh, **options):
-  data = NamedSharding(mesh, PartitionSpec("data"))
-  return jax.jit(functools.partial(_distance, spatial=False, per_layer=False, **options),
-                 in_shardings=(NamedSharding(mesh, PartitionSpec()), data, data), out_shardings=data)
-
-
-def _local_batches(a: np.ndarray, b: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  for start in range(0, len(a), batch):
-    yield a[start:start + batch], b[start:start + batch]
+from lpips_jax.lpips import _distance, check_images, check_params
 
 
 def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
@@ -43,37 +36,164 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
 
   Returns:
     float32 numpy [N]: the distances of this process's pairs, in order.
+
+  Example:
+    >>> d = lpips_jax.score_pairs(lpips_jax.load("alex"), a, b, batch_size=128)   # a, b: [N, 64, 64, 3]
   """
-  mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",))
-  local_devices = mesh.local_mesh.size
-  batch = -(-batch_size // local_devices) * local_devices
-  batches: Iterable = _local_batches(np.asarray(a), np.asarray(b), batch) if b is not None else a
-  run = _sharded_distance(mesh, normalize=normalize, dtype=dtype, precision=precision)
+  v = check_params(params)
+  if b is not None:
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+      raise ValueError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]")
+    step = padded_batch_size(batch_size, mesh or global_mesh())
+    batches: Iterable = ((a[i:i + step], b[i:i + step]) for i in range(0, len(a), step))
+  else:
+    batches = a
+
+  def checked(stream):
+    for x, y in stream:
+      check_images(x, y, v.net, normalize=normalize)
+      yield x, y
+
+  out = [d for (d,) in run_batches(pair_distances, params, checked(batches), batch_size=batch_size, mesh=mesh,
+                                   variant=v, normalize=normalize, dtype=dtype, precision=precision)]
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def pair_distances(params, a, b, *, variant, normalize=False, dtype=None, precision=None):
+  """`distance` of a batch of pairs, for `run_batches` (the params' variant parsed once by the caller)."""
+  return _distance(params, a, b, variant=variant, spatial=False, per_layer=False, normalize=normalize, dtype=dtype,
+                   precision=precision)
+
+
+def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *, batch_size: int,
+                mesh: jax.sharding.Mesh | None = None, **options) -> Iterator[tuple[np.ndarray, ...]]:
+  """`fn(params, *arrays, **options)` over `batches`, each batch's outputs yielded in order as numpy arrays.
+
+  Args:
+    fn: a module-level function (it and `options` key the compilation cache) of the params and k arrays with a
+      leading batch axis, returning an array or a tuple of arrays with that leading axis.
+    batches: tuples of k host arrays of up to `batch_size` rows (the same count in each); batches may differ in
+      their other dimensions (each shape compiles once).
+    batch_size: every batch is padded to this, rounded up to a multiple of the local device count, with zeros
+      (valid images whichever the value range); padded rows are dropped from the outputs.
+    mesh: a 1-D mesh with axis "data" (default: every device of every process).
+
+  Yields:
+    for each batch, the tuple of its outputs with the padding removed. The results of batch i are fetched after
+    batch i + 1 has been dispatched, so the devices never wait for the host's copy.
+  """
+  mesh = mesh or global_mesh()
+  size = padded_batch_size(batch_size, mesh)
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
-  net = variant(params).net
-  out, iterator, shape = [], iter(batches), None
+  pending = None
+  for arrays, n in _padded(batches, size):
+    out = _jitted(fn, mesh, len(arrays), tuple(sorted(options.items())))(
+        params, *(jax.make_array_from_process_local_data(sharding, x) for x in arrays))
+    if pending is not None:
+      yield _fetch(*pending)
+    pending = (out, n)
+  if pending is not None:
+    yield _fetch(*pending)
+
+
+def padded_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's local device count, so every device gets an equal share."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  local = mesh.local_mesh.size
+  return -(-batch_size // local) * local
+
+
+def global_mesh() -> jax.sharding.Mesh:
+  """A 1-D "data" mesh of every device of every process. Its axis is Auto (XLA propagates shardings): under
+  `make_mesh`'s default, Explicit, a gradient's batch contractions need the params placed on the mesh first."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@functools.cache
+def _jitted(fn: Callable, mesh: jax.sharding.Mesh, arity: int, options: tuple):
+  data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+  return jax.jit(functools.partial(fn, **dict(options)), in_shardings=(replicated,) + (data,) * arity,
+                 out_shardings=data)
+
+
+def _padded(batches: Iterable, size: int) -> Iterator[tuple[list[np.ndarray], int]]:
+  """Each batch padded to `size` rows, with its real row count. With several processes, every process takes part
+  in every step: a process that has run out sends all-padding batches, shaped as the others', until all have."""
+  multi = jax.process_count() > 1
+  iterator, shapes = iter(batches), None
   while True:
-    pair = next(iterator, None)
-    if pair is not None:
-      x, y = (np.asarray(v) for v in pair)
-      check_images(x, y, net, normalize=normalize)
-      if len(x) > batch:
-        raise ValueError(f"a batch of {len(x)} pairs exceeds batch_size {batch}")
-      shape = x.shape[1:]
-    # Every process must take part in every step: stop only when all are done.
-    if jax.process_count() > 1:
-      if not multihost_utils.process_allgather(np.int32(pair is not None)).any():
-        break
-      shape = tuple(int(v) for v in multihost_utils.process_allgather(np.asarray(shape or (0, 0, 3))).max(0))
-    elif pair is None:
-      break
-    n = 0 if pair is None else len(x)
-    fill = 0.5 if normalize else 0.0  # padding: valid images, dropped below
-    pad = lambda v: np.concatenate([v, np.full((batch - n, *shape), fill, np.float32)]) if n < batch else v
-    x, y = (pad(np.zeros((0, *shape), np.float32)),) * 2 if pair is None else (pad(x), pad(y))
-    glob = [jax.make_array_from_process_local_data(sharding, v) for v in (x, y)]
-    d = run(params, *glob)
-    local = sorted(d.addressable_shards, key=lambda s: s.index[0].start or 0)
-    out.append(np.concatenate([np.asarray(s.data) for s in local])[:n])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    batch = next(iterator, None)
+    if batch is not None:
+      batch = [np.asarray(x) for x in batch]
+      n = len(batch[0])
+      if any(len(x) != n for x in batch) or n > size:
+        raise ValueError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
+                         f"count, at most the batch size {size}")
+      shapes = [x.shape[1:] for x in batch]
+    if multi:
+      if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+        return
+      # Images [B, H, W, C]: the finished processes take the largest shape of those still running.
+      mine = np.asarray(shapes[0] if batch is not None else (0, 0, 0), np.int64)
+      shape = tuple(int(d) for d in multihost_utils.process_allgather(mine).max(0))
+      shapes = [shape] * len(shapes) if shapes else None
+    elif batch is None:
+      return
+    if batch is None:
+      if shapes is None:
+        raise ValueError("this process passed no batches while others did; pass the arity with one empty batch")
+      batch, n = [np.zeros((0, *s), np.float32) for s in shapes], 0
+    yield [np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if n < size else x for x in batch], n
+
+
+def _fetch(out, n: int) -> tuple[np.ndarray, ...]:
+  """This process's rows of a sharded result, in order, without the padding."""
+  def local(x):
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])[:n]
+  return tuple(local(x) for x in (out if isinstance(out, tuple) else (out,)))
+
+
+def prefetch(iterable: Iterable, size: int) -> Iterator:
+  """Iterate `iterable` on a background thread, keeping up to `size` items ready; errors are re-raised here.
+
+  Where image decoding leaves the main thread (the command's and BAPPS' batches): the devices compute while the
+  next batches are read. The thread stops when the consumer stops iterating (or is garbage collected).
+  """
+  items: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def produce():
+    try:
+      for item in iterable:
+        if not put(item):
+          return
+      put(done)
+    except BaseException as e:  # handed to the consumer, which raises it
+      put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = items.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

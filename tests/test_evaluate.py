@@ -108,7 +108,7 @@ def test_jnd_map_equals_a_direct_voc_ap_and_the_official_one(official):
 
 def test_jnd_equals_the_official_scorer_given_flat_distances(official):
   # The official score_jnd_dataset works when func returns flat distances (as in 2018); with the (N, 1, 1, 1)
-  # output of today's model it sorts along a length-1 axis (SPEC §4.2). Distinct distances: no tie order issue.
+  # output of today's model it sorts along a length-1 axis (docs/official.md §4.2). Distinct distances: no tie order issue.
   rng = np.random.default_rng(3)
   n = 120
   ds = rng.permutation(n).astype(np.float32) / n

@@ -73,7 +73,7 @@ def test_jit_grad_and_vmap_compose_with_distance():
   assert np.abs(head_grads["lin0"]["kernel"]).max() > 0
 
 
-# -- derivatives where feature vectors are all zero (SPEC §1.5) ----------------------------------------------------
+# -- derivatives where feature vectors are all zero (docs/official.md §1.5) ----------------------------------------------------
 
 def naive_normalize(f):
   """The official normalize_tensor, written plainly: its derivative is NaN at an all-zero vector."""
@@ -99,7 +99,7 @@ def test_normalisation_equals_the_official_formula_and_has_finite_derivatives_at
 
 
 def spec_zero_vector_pair():
-  """SPEC §1.5: a constant image of colour (0.983, 0.872, 0.843), and that image plus clipped noise."""
+  """docs/official.md §1.5: a constant image of colour (0.983, 0.872, 0.843), and that image plus clipped noise."""
   a = np.broadcast_to(np.array([0.983, 0.872, 0.843], np.float32), (1, 64, 64, 3)).copy()
   b = np.clip(a + np.random.default_rng(0).normal(0, 0.2, a.shape), -1, 1).astype(np.float32)
   return a, b
@@ -158,10 +158,10 @@ def test_derivatives_are_finite_where_the_official_formula_is_nan(case, make_off
 
 
 def raw_taps(params, x):
-  from lpips_jax.lpips import scale_input
+  """The trunk's taps before normalisation (the pipeline's first stage)."""
+  from lpips_jax.lpips import _taps, check_params
 
-  net = next(n for n in NETS if n in params)
-  return NETS[net].trunk().apply({"params": params[net]}, scale_input(params, x))
+  return _taps(check_params(params), params, x, False, None, None, False)
 
 
 def test_some_cases_really_have_all_zero_feature_vectors():

@@ -15,7 +15,7 @@ VERSIONS = ("0.0", "0.1")
 OPTIONS = ("default", "spatial", "per_layer", "baseline", "normalize")
 SIZES = ((64, 64), (65, 97), (100, 128))
 GRAD_SIZE = (65, 97)
-# The examples' distances with the pretrained trunks and v0.1 heads (ENVIRONMENT.md §3; #120 reports 0.722, 0.138
+# The examples' distances with the pretrained trunks and v0.1 heads (docs/offline.md §3; #120 reports 0.722, 0.138
 # for alex): an extra check beside the official package's own numbers.
 GOLDEN = {"alex": (0.721881, 0.137566), "vgg": (0.568613, 0.421664), "squeeze": (0.711048, 0.147902)}
 

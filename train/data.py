@@ -1,22 +1,23 @@
-"""BAPPS readers (SPEC §4.3): 2AFC `ref/ p0/ p1/ judge/` and JND `p0/ p1/ same/` folders -> numpy batches.
+"""BAPPS readers (docs/official.md §4.3): 2AFC `ref/ p0/ p1/ judge/` and JND `p0/ p1/ same/` folders -> numpy batches.
 
 As the official `data/` loaders: files are found recursively, aligned by sorted path, judgments are one float per
 `.npy`, and each image is `Resize(64)` with Pillow's bilinear filter (antialiased, on uint8), then `ToTensor` and
 `Normalize(0.5, 0.5)`: float32 in [-1, 1]. Unlike them, folders whose counts or names disagree are an error, and
-images are NHWC. Images are decoded by a thread pool and batches are prepared on a background thread.
+images are NHWC. Images are decoded by a thread pool, and batches are prepared on a background thread by
+`lpips_jax.scoring.prefetch`.
 """
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from lpips_jax.scoring import prefetch as prefetch  # the one background producer (re-exported for train.py)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")  # the official IMG_EXTENSIONS, any case
 LOAD_SIZE = 64
@@ -150,44 +151,3 @@ def batches(data: TwoAFC | JND, order: Sequence[int], batch_size: int, *, pad_to
     batch[label_key] = np.concatenate([labels[index], np.zeros(pad_to - n, np.float32)])
     batch["weight"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad_to - n, np.float32)])
     yield batch
-
-
-def prefetch(iterable: Iterable, size: int) -> Iterator:
-  """Iterate `iterable` on a background thread, keeping up to `size` items ready; errors are re-raised here.
-
-  The thread stops when the consumer stops iterating (or is garbage collected).
-  """
-  items: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-  done = object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def produce():
-    try:
-      for item in iterable:
-        if not put(item):
-          return
-      put(done)
-    except BaseException as e:  # handed to the consumer, which raises it
-      put(e)
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = items.get()
-      if item is done:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()

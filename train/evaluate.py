@@ -1,22 +1,21 @@
-"""Scoring (SPEC §4.1, §4.2): 2AFC agreement and JND mAP as pure numpy functions, and sharded distances over a set.
+"""Scoring (docs/official.md §4.1, §4.2): 2AFC agreement and JND mAP as pure numpy functions, and sharded distances over a set.
 
 `score_2afc` and `score_jnd` take arrays of distances from any metric. `evaluate_2afc` / `evaluate_jnd` compute
-LPIPS distances for a BAPPS set with `jax.jit` over a 1-D "data" mesh of all local devices (batch sharded, params
-replicated); the last batch is padded and its padding dropped before scoring.
+LPIPS distances for a BAPPS set with the library's one engine, `lpips_jax.scoring.run_batches` (batch sharded over
+all devices, params replicated, the last batch padded and its padding dropped before scoring).
 """
 from __future__ import annotations
 
-import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from lpips_jax import distance
-from lpips_jax.train.data import JND, TwoAFC, batches, prefetch
+from lpips_jax.scoring import prefetch, run_batches
+from lpips_jax.train.data import JND, TwoAFC, batches
 from lpips_jax.train.model import distances
 
 
@@ -71,44 +70,33 @@ def score_jnd(ds, sames) -> float:
   return voc_ap(tp / positives, tp / (tp + fp))
 
 
-@functools.cache
-def _sharded(mesh: jax.sharding.Mesh, kind: str, dtype):
-  replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-  if kind == "2afc":
-    run = lambda params, ref, p0, p1: distances(params, ref, p0, p1, dtype=dtype)
-    return jax.jit(run, in_shardings=(replicated, data, data, data), out_shardings=(data, data))
-  run = lambda params, p0, p1: distance(params, p0, p1, dtype=dtype)
-  return jax.jit(run, in_shardings=(replicated, data, data), out_shardings=data)
+def triplet_distances(params, ref, p0, p1, *, dtype=None):
+  """d(ref, p0), d(ref, p1) of a batch of 2AFC triplets, the reference's trunk run once (for `run_batches`)."""
+  return distances(params, ref, p0, p1, dtype=dtype)
 
 
-def local_mesh() -> jax.sharding.Mesh:
-  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
-  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
-  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def pair_distances(params, p0, p1, *, dtype=None):
+  """d(p0, p1) of a batch of JND pairs (for `run_batches`)."""
+  return distance(params, p0, p1, dtype=dtype)
 
 
 def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax.sharding.Mesh | None = None,
                   dtype=None, workers: int = 4, progress: bool = False, desc: str = "") -> list[np.ndarray]:
   """LPIPS distances of every example of a set, in order: `[d0, d1]` (2AFC) or `[d]` (JND), each f32 [N].
 
-  params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Batches of `batch_size` are padded to a multiple of the
-  mesh size and sharded over the mesh's "data" axis (default: all local devices).
+  params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Runs on `lpips_jax.scoring.run_batches` (batches padded
+  to a multiple of the device count, sharded over the mesh's "data" axis; default: all devices), images decoded by
+  `workers` threads ahead of the devices.
   """
-  mesh = mesh or local_mesh()
-  padded = math.ceil(batch_size / mesh.size) * mesh.size
-  kind = "2afc" if isinstance(data, TwoAFC) else "jnd"
-  run = _sharded(mesh, kind, dtype)
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
-  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  keys = ("ref", "p0", "p1") if kind == "2afc" else ("p0", "p1")
-  outs = []
+  keys = ("ref", "p0", "p1") if isinstance(data, TwoAFC) else ("p0", "p1")
+  fn = triplet_distances if isinstance(data, TwoAFC) else pair_distances
   n = len(data.p0)
   with ThreadPoolExecutor(workers) as pool:
-    stream = prefetch(batches(data, np.arange(n), batch_size, pad_to=padded, pool=pool), 2)
-    for batch in tqdm(stream, total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"):
-      out = run(params, *(jax.device_put(batch[k], sharding) for k in keys))
-      outs.append((out if kind == "2afc" else (out,), int(batch["weight"].sum())))
-  return [np.concatenate([np.asarray(o[i])[:count] for o, count in outs]) for i in range(len(keys) - 1)]
+    stream = prefetch((tuple(b[k][:int(b["weight"].sum())] for k in keys)
+                       for b in batches(data, np.arange(n), batch_size, pool=pool)), 2)
+    outs = list(tqdm(run_batches(fn, params, stream, batch_size=batch_size, mesh=mesh, dtype=dtype),
+                     total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"))
+  return [np.concatenate([o[i] for o in outs]) for i in range(len(keys) - 1)]
 
 
 def evaluate_2afc(params, data: TwoAFC, **options) -> tuple[float, np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Training params are `{"lpips": params in lpips_jax's layout, "rank": the ranking head}`, so `params["lpips"]` is
 usable with `lpips_jax.distance` at any time. The ranking head (`Dist2LogitLayer`) and the binary cross-entropy are
-training-only (SPEC §3.2); they are discarded when the metric is exported.
+training-only (docs/official.md §3.2); they are discarded when the metric is exported.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lpips_jax.backbones import NETS
-from lpips_jax.lpips import SCALE, SHIFT, features, layer_maps, reduce_maps, total
+from lpips_jax.lpips import distance_from_features, features, scaling
 from lpips_jax.weights import load
 
 RANK_EPS = 0.1  # Dist2LogitLayer's eps in d0 / (d1 + eps)
@@ -47,7 +47,7 @@ def init_rank(rng: jax.Array) -> dict:
 
 def _torchvision_scale(net: str, shape: tuple[int, ...]) -> tuple[float, float]:
   """(kernel scale, bias bound) of torchvision's init of a trunk conv with HWIO kernel `shape` (`pnet_rand=True`,
-  SPEC §1.3): the std of a normal (vgg) or the bound of a uniform (alex, squeeze) kernel; bias bound 0: zeros."""
+  docs/official.md §1.3): the std of a normal (vgg) or the bound of a uniform (alex, squeeze) kernel; bias bound 0: zeros."""
   k_h, k_w, c_in, c_out = shape
   if net == "vgg":  # kaiming_normal(fan_out, relu), zero bias
     return math.sqrt(2 / (c_out * k_h * k_w)), 0.0
@@ -89,9 +89,7 @@ def init_params(rng: jax.Array, *, net: str, version: str, mode: str, heads_init
   the v0.1 scaling constants, random (or the released) heads, and a random ranking head."""
   k_trunk, k_heads, k_rank = jax.random.split(rng, 3)
   if mode == "scratch":
-    metric = {net: init_trunk(k_trunk, net)}
-    if version == "0.1":
-      metric["scaling"] = {"shift": SHIFT.copy(), "scale": SCALE.copy()}
+    metric = {**scaling(version), net: init_trunk(k_trunk, net)}
   else:
     metric = load(net, version, lpips=heads_init == "pretrained")
   if heads_init == "random":
@@ -127,7 +125,7 @@ def distances(params: dict, ref, p0, p1, *, dropout_rng: jax.Array | None = None
   """
   f_ref, f0, f1 = (features(params, x, dtype=dtype) for x in (ref, p0, p1))
   keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-  return tuple(total(reduce_maps(layer_maps(params, f_ref, f, dropout_rng=key))) for f, key in zip((f0, f1), keys))
+  return tuple(distance_from_features(params, f_ref, f, dropout_rng=key) for f, key in zip((f0, f1), keys))
 
 
 def loss_fn(params: dict, batch: dict, *, dropout_rng: jax.Array | None = None, dtype=None):

@@ -1,0 +1,132 @@
+"""Percentile-bootstrap confidence intervals for scores that are means over items, in pure numpy.
+
+Both a set's mean LPIPS distance and a 2AFC score are means of per-item values: the distances themselves, or the
+per-triplet agreements `(d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5` (the official
+`score_2afc_dataset`). `bootstrap_ci` gives such a mean with a confidence interval; `paired_bootstrap` compares two
+metrics scored on the same items. Resampling is vectorised in chunks of about `_CHUNK` drawn indices, so 10,000
+resamples of 100,000 items take ~64 MB at a time, and the result depends only on the seed, not on the chunk size.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+_CHUNK = 1 << 22  # indices drawn at once: 32 MB of int64 plus 32 MB of gathered float64 values
+
+
+class Interval(NamedTuple):
+  mean: float  # the mean of the values (not of the resampled means)
+  low: float  # the (1 - confidence) / 2 percentile of the resampled means
+  high: float  # the (1 + confidence) / 2 percentile
+
+
+class PairedDifference(NamedTuple):
+  difference: float  # mean(a) - mean(b) = mean(a - b)
+  low: float  # its percentile-bootstrap interval, as in `Interval`
+  high: float
+  p_value: float  # two-sided bootstrap p-value of "no difference" (see `paired_bootstrap`)
+
+
+def bootstrap_ci(values: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
+                 seed: int = 0) -> Interval:
+  """The mean of per-item `values` [N] with its percentile-bootstrap confidence interval.
+
+  Each of `resamples` resamples draws N items with replacement (numpy's `default_rng(seed)`); the interval spans
+  the central `confidence` fraction of their means (`np.quantile`, linear interpolation). It assumes the items are
+  independent: resample whole units (e.g. per-image means) if items share a source.
+
+  Args:
+    values: finite numbers, N >= 1 (any shape is flattened), e.g. LPIPS distances or 2AFC agreements.
+    confidence: in (0, 1).
+    resamples: number of bootstrap resamples, >= 1.
+    seed: the seed of the resampling; equal seeds give equal results.
+
+  Returns:
+    `Interval(mean, low, high)`, floats.
+
+  Example:
+    >>> d0, d1 = np.array([.1, .4, .3, .2]), np.array([.3, .2, .5, .6])  # distances of p0, p1 to the reference
+    >>> judge = np.array([1.0, 0.2, 0.8, 0.6])  # the fraction of people who preferred p1
+    >>> agree = (d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5
+    >>> score = bootstrap_ci(agree, resamples=2000)  # the 2AFC score and its 95% interval
+    >>> round(score.mean, 3), score.low <= score.mean <= score.high
+    (0.2, True)
+  """
+  x = _check("values", values)
+  level = _check_options(confidence, resamples)
+  means = _resampled_means(x, resamples, np.random.default_rng(seed))
+  low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return Interval(float(np.mean(x)), float(low), float(high))
+
+
+def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
+                     seed: int = 0) -> PairedDifference:
+  """How much the mean of `a` exceeds that of `b` when both score the same N items, with a CI and a p-value.
+
+  Items are resampled jointly (the same indices for `a` and `b`), so what the two scores share per item (an easy
+  triplet is easy for both metrics) cancels, which makes this much tighter than two separate intervals.
+  The p-value is `2 * min(P*(diff <= 0), P*(diff >= 0))` over the resampled differences, with one pseudo-count
+  each so it is never 0, capped at 1: it is below `1 - confidence` about exactly when the interval excludes 0.
+
+  Args:
+    a, b: per-item values of two metrics on the same items, finite, N >= 1 each (flattened), item i of `a`
+      paired with item i of `b`.
+    confidence, resamples, seed: as in `bootstrap_ci`.
+
+  Returns:
+    `PairedDifference(difference, low, high, p_value)`, floats.
+
+  Example:
+    >>> rng = np.random.default_rng(0)
+    >>> hard = rng.uniform(0, 1, 500)  # per-item difficulty, shared by both metrics
+    >>> a, b = hard + rng.normal(0.1, 0.05, 500), hard + rng.normal(0.0, 0.05, 500)
+    >>> result = paired_bootstrap(a, b, resamples=2000)
+    >>> result.low > 0, result.p_value < 0.01
+    (True, True)
+  """
+  x, y = _check("a", a), _check("b", b)
+  if x.size != y.size:
+    raise ValueError(f"a and b must score the same items; got {x.size} and {y.size} values")
+  level = _check_options(confidence, resamples)
+  diff = x - y
+  means = _resampled_means(diff, resamples, np.random.default_rng(seed))
+  low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  tail = min(int(np.count_nonzero(means <= 0)), int(np.count_nonzero(means >= 0)))
+  p_value = min(1.0, 2 * (tail + 1) / (resamples + 1))
+  return PairedDifference(float(np.mean(diff)), float(low), float(high), p_value)
+
+
+def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+  """The means of `resamples` resamples with replacement of `x`, float64 [resamples].
+
+  Chunked draws consume the generator exactly as one draw of shape [resamples, N] (or one draw per resample)
+  would, so the chunk size never changes the result.
+  """
+  n = x.size
+  rows = max(1, _CHUNK // n)
+  means = np.empty(resamples, np.float64)
+  for start in range(0, resamples, rows):
+    stop = min(start + rows, resamples)
+    means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+  return means
+
+
+def _check(name: str, values: ArrayLike) -> np.ndarray:
+  x = np.asarray(values, np.float64).reshape(-1)
+  if x.size == 0:
+    raise ValueError(f"{name} is empty; a bootstrap needs at least one value")
+  bad = ~np.isfinite(x)
+  if bad.any():
+    raise ValueError(f"{name} holds {np.count_nonzero(bad)} non-finite values (first at flat index "
+                     f"{np.flatnonzero(bad)[0]}: {x[bad][0]}); drop or fix them first")
+  return x
+
+
+def _check_options(confidence: float, resamples: int) -> float:
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
+  if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
+    raise ValueError(f"resamples must be a positive integer, e.g. 10_000; got {resamples!r}")
+  return float(confidence)
