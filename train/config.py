@@ -1,4 +1,4 @@
-"""The one training configuration: the official `train.py` / `lpips.Trainer` defaults (SPEC §3).
+"""The one training configuration: the official `train.py` / `lpips.Trainer` defaults (docs/official.md §3).
 
 Run (after `scripts/download_dataset.sh` of the official repo, which leaves BAPPS in ./dataset):
 
@@ -9,6 +9,8 @@ Run (after `scripts/download_dataset.sh` of the official repo, which leaves BAPP
 Expected: the six BAPPS 2AFC validation sets average about 69.8% for Alex-lin (paper Table 5: 73.9 / 83.4 / 71.5 /
 61.2 / 65.3 / 63.2 on traditional / cnn / superres / deblur / color / frameinterp; lpips#64 reports 69.83 for a
 retrain with the current code).
+
+Each `Config` field's help text (`metadata["help"]`) is what `lpips-jax train --help` prints for its flag.
 """
 from __future__ import annotations
 
@@ -16,55 +18,72 @@ import dataclasses
 
 import jax.numpy as jnp
 
-MODES = ("lin", "tune", "scratch")  # SPEC §3.1: frozen pretrained trunk / pretrained trunk trained / random trunk
+from lpips_jax.backbones import NETS
+from lpips_jax.lpips import VERSIONS
+
+# docs/official.md §3.1: frozen pretrained trunk / pretrained trunk trained / random trunk.
+MODES = ("lin", "tune", "scratch")
 # The trunk's compute dtype by name (None: float32); params, optimiser state and loss stay float32.
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NONNEG = ("official", "heads")  # which 1x1 kernels are projected onto >= 0 after each step
+HEADS_INIT = ("random", "pretrained")
+# BAPPS validation sets (official scripts/eval_valsets.sh): the six 2AFC sets and the two JND sets.
+VAL_2AFC = ("val/traditional", "val/cnn", "val/superres", "val/deblur", "val/color", "val/frameinterp")
+VAL_JND = ("val/traditional", "val/cnn")
+
+
+def _field(default, doc: str):
+  return dataclasses.field(default=default, metadata={"help": doc})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every setting of a training run; the defaults are the official ones unless marked otherwise."""
 
-  net: str = "alex"  # 'alex', 'vgg' or 'squeeze'
-  version: str = "0.1"  # '0.1' scales the input (the released weights); '0.0' as the 2018 paper
-  mode: str = "lin"  # one of MODES
-  dataroot: str = "./dataset/2afc"  # BAPPS 2AFC root; the official script's ./dataset + '/2afc'
-  datasets: tuple[str, ...] = ("train/traditional", "train/cnn", "train/mix")  # trained on together
-  # Scored before training and after every epoch (not in the official train.py, which only trains); () for none.
-  val_datasets: tuple[str, ...] = ("val/traditional", "val/cnn", "val/superres", "val/deblur", "val/color",
-                                   "val/frameinterp")
-  batch_size: int = 50
-  epochs: int = 5  # official nepoch, at the base learning rate (plus one: the decay starts after epoch 6)
-  epochs_decay: int = 5  # official nepoch_decay: lr falls by lr / epochs_decay after each later epoch
-  lr: float = 1e-4
-  b1: float = 0.5
-  b2: float = 0.999
-  eps: float = 1e-8
-  dropout: bool = True  # p = 0.5 on the squared feature differences, training only
-  # 'official': heads and every 1x1 kernel of the LPIPS module, i.e. also SqueezeNet's Fire squeeze/expand1x1
-  # kernels, even in lin mode (what lpips.Trainer.clamp_weights does at HEAD); 'heads': the heads only.
-  nonneg: str = "official"
-  heads_init: str = "random"  # 'random' (PyTorch's default init, as the official) or 'pretrained' (fine-tune)
-  dtype: str = "float32"  # one of DTYPES; float16 uses dynamic loss scaling
-  seed: int = 0  # data order, head/trunk init and dropout (the official sets no seed)
-  log_every: int = 100  # steps between log lines (official print_freq: 5000 triplets = 100 batches)
-  checkpoint_every: int = 400  # steps (official save_latest_freq: 20000 triplets = 400 batches); and at the end
-  keep_checkpoints: int = 2
-  eval_batch_size: int = 50  # as test_dataset_model.py
-  workers: int = 4  # image-decoding threads (official nThreads)
-  prefetch: int = 4  # batches decoded ahead of the accelerator
+  net: str = _field("alex", "trunk: " + ", ".join(NETS))
+  version: str = _field("0.1", "'0.1' scales the input (the released weights); '0.0' as the 2018 paper")
+  mode: str = _field("lin", "lin: frozen pretrained trunk; tune: pretrained trunk trained too; scratch: random trunk")
+  dataroot: str = _field("./dataset/2afc", "BAPPS 2AFC root (the official script's ./dataset + '/2afc')")
+  datasets: tuple[str, ...] = _field(("train/traditional", "train/cnn", "train/mix"),
+                                     "sets under DATAROOT trained on together")
+  val_datasets: tuple[str, ...] = _field(VAL_2AFC, "sets under DATAROOT scored before training and after every "
+                                         "epoch (not in the official train.py, which only trains); none: no scoring")
+  batch_size: int = _field(50, "triplets per step")
+  epochs: int = _field(5, "official nepoch, at the base learning rate (plus one: the decay starts after epoch 6)")
+  epochs_decay: int = _field(5, "official nepoch_decay: lr falls by lr / epochs_decay after each later epoch")
+  lr: float = _field(1e-4, "Adam's base learning rate")
+  b1: float = _field(0.5, "Adam's beta1")
+  b2: float = _field(0.999, "Adam's beta2")
+  eps: float = _field(1e-8, "Adam's epsilon")
+  dropout: bool = _field(True, "dropout p = 0.5 on the squared feature differences, training only")
+  nonneg: str = _field("official", "official: the heads and every 1x1 kernel of the LPIPS module are projected onto "
+                       ">= 0 after each step, i.e. also SqueezeNet's Fire squeeze/expand1x1 kernels, even in lin mode "
+                       "(what lpips.Trainer.clamp_weights does at HEAD); heads: the heads only")
+  heads_init: str = _field("random", "random: PyTorch's default init, as the official; pretrained: fine-tune the "
+                           "released heads")
+  dtype: str = _field("float32", "the trunk's compute dtype (params, optimiser state and loss stay float32); "
+                      "float16 uses dynamic loss scaling")
+  seed: int = _field(0, "data order, head/trunk init and dropout (the official sets no seed)")
+  log_every: int = _field(100, "steps between log lines (official print_freq: 5000 triplets = 100 batches)")
+  checkpoint_every: int = _field(400, "steps between checkpoints, and one at the end (official save_latest_freq: "
+                                 "20000 triplets = 400 batches)")
+  keep_checkpoints: int = _field(2, "checkpoints kept (the oldest are deleted)")
+  eval_batch_size: int = _field(50, "validation batch size (as test_dataset_model.py)")
+  workers: int = _field(4, "image-decoding threads (official nThreads)")
+  prefetch: int = _field(4, "batches decoded ahead of the accelerator")
+
+
+# The valid values of each field that takes one of a few; the CLI offers them as choices.
+CHOICES = {"net": tuple(NETS), "version": tuple(VERSIONS), "mode": MODES, "dtype": tuple(DTYPES), "nonneg": NONNEG,
+           "heads_init": HEADS_INIT}
 
 
 def get_config(**overrides) -> Config:
   """The reference configuration, with `overrides` (field=value) applied and checked."""
   config = dataclasses.replace(Config(), **overrides)
-  for name, valid in (("mode", MODES), ("dtype", tuple(DTYPES)), ("nonneg", NONNEG), ("heads_init", ("random",
-                                                                                            "pretrained"))):
+  for name, valid in CHOICES.items():
     if getattr(config, name) not in valid:
       raise ValueError(f"unknown {name} {getattr(config, name)!r}; choose one of {list(valid)}")
-  if config.version not in ("0.0", "0.1"):
-    raise ValueError(f"unknown version {config.version!r}; choose '0.1' or '0.0'")
   for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "workers", "prefetch",
                "keep_checkpoints"):
     if getattr(config, name) < 1:

@@ -14,18 +14,19 @@ import json
 import sys
 from pathlib import Path
 
-from lpips_jax.train.config import DTYPES
+from lpips_jax.backbones import NETS
+from lpips_jax.lpips import VERSIONS
+from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND
 
-SETS = {"2afc": ("val/traditional", "val/cnn", "val/superres", "val/deblur", "val/color", "val/frameinterp"),
-        "jnd": ("val/traditional", "val/cnn")}
+SETS = {"2afc": VAL_2AFC, "jnd": VAL_JND}
 
 
 def parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="lpips-jax eval", description=__doc__.splitlines()[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--weights", default="alex", help="'alex', 'vgg', 'squeeze' (released weights) or the path "
-                      "of a .safetensors params file (e.g. a training run's lpips.safetensors)")
-  parser.add_argument("--version", default="0.1", choices=["0.1", "0.0"], help="for released weights")
+  parser.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, NETS))} (released weights) or the "
+                      "path of a .safetensors params file (e.g. a training run's lpips.safetensors)")
+  parser.add_argument("--version", default="0.1", choices=list(VERSIONS), help="for released weights")
   parser.add_argument("--baseline", action="store_true", help="released trunk without heads (lpips=False)")
   parser.add_argument("--mode", default="2afc", choices=sorted(SETS))
   parser.add_argument("--dataroot", default="./dataset", help="BAPPS root holding 2afc/ and jnd/")

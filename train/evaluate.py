@@ -1,4 +1,5 @@
-"""Scoring (docs/official.md §4.1, §4.2): 2AFC agreement and JND mAP as pure numpy functions, and sharded distances over a set.
+"""Scoring (docs/official.md §4.1, §4.2): 2AFC agreement and JND mAP as pure numpy functions, and the distances of
+a set.
 
 `score_2afc` and `score_jnd` take arrays of distances from any metric. `evaluate_2afc` / `evaluate_jnd` compute
 LPIPS distances for a BAPPS set with the library's one engine, `lpips_jax.scoring.run_batches` (batch sharded over

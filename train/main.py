@@ -9,11 +9,7 @@ import dataclasses
 import sys
 import typing
 
-from lpips_jax.backbones import NETS
-from lpips_jax.train.config import DTYPES, MODES, NONNEG, Config, get_config
-
-CHOICES = {"net": sorted(NETS), "version": ["0.1", "0.0"], "mode": list(MODES), "dtype": list(DTYPES),
-           "nonneg": list(NONNEG), "heads_init": ["random", "pretrained"]}
+from lpips_jax.train.config import CHOICES, Config, get_config
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
@@ -25,13 +21,14 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
   parser.add_argument("--quiet", action="store_true", help="no progress lines")
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
-    flag, kind = f"--{field.name}", hints[field.name]
+    flag, kind, doc = f"--{field.name}", hints[field.name], field.metadata["help"]
     if kind is bool:
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=doc)
     elif typing.get_origin(kind) is tuple:
-      parser.add_argument(flag, nargs="*", default=field.default, metavar="SET")
+      parser.add_argument(flag, nargs="*", default=field.default, metavar="SET", help=doc)
     else:
-      parser.add_argument(flag, type=kind, default=field.default, choices=CHOICES.get(field.name))
+      choices = CHOICES.get(field.name)
+      parser.add_argument(flag, type=kind, default=field.default, choices=choices and list(choices), help=doc)
   args = parser.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
   overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})

@@ -47,7 +47,8 @@ def init_rank(rng: jax.Array) -> dict:
 
 def _torchvision_scale(net: str, shape: tuple[int, ...]) -> tuple[float, float]:
   """(kernel scale, bias bound) of torchvision's init of a trunk conv with HWIO kernel `shape` (`pnet_rand=True`,
-  docs/official.md §1.3): the std of a normal (vgg) or the bound of a uniform (alex, squeeze) kernel; bias bound 0: zeros."""
+  docs/official.md §1.3): the std of a normal (vgg) or the bound of a uniform (alex, squeeze) kernel; bias bound 0:
+  zeros."""
   k_h, k_w, c_in, c_out = shape
   if net == "vgg":  # kaiming_normal(fan_out, relu), zero bias
     return math.sqrt(2 / (c_out * k_h * k_w)), 0.0

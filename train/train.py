@@ -1,10 +1,11 @@
-"""Training LPIPS on 2AFC judgments (SPEC §3): the optimiser, a sharded train step, and the training loop.
+"""Training LPIPS on 2AFC judgments (docs/official.md §3): the optimiser, a sharded train step, and the training loop.
 
 The policy is optax's: Adam(1e-4, b1 0.5, b2 0.999) on the trainable leaves, zero updates on the frozen ones, and
 the projection of the heads (and by default SqueezeNet's 1x1 trunk kernels, as the official `clamp_weights`) onto
 non-negative weights, last in the chain. The state is a `TrainState` value; `train_step` maps (state, batch, rng) to
-(state, metrics) and is jitted over a 1-D "data" mesh of all local devices (batch sharded, state replicated).
-`train_and_evaluate` runs a whole training: data, checkpoints (Orbax), logs, plot and export.
+(state, metrics) and is jitted over a 1-D "data" mesh of all local devices (`local_mesh`; batch sharded, state
+replicated). `train_and_evaluate`, last, runs a whole training from the pieces before it, as flax's
+examples/imagenet does: create the state, restore or start, step, evaluate, log, checkpoint (Orbax), plot, export.
 """
 from __future__ import annotations
 
@@ -12,24 +13,26 @@ import functools
 import json
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lpips_jax.scoring import padded_batch_size
 from lpips_jax.weights import save
 from lpips_jax.train.config import DTYPES, Config
-from lpips_jax.train.data import batches, epoch_order, prefetch, read_2afc
-from lpips_jax.train.evaluate import evaluate_2afc, local_mesh
+from lpips_jax.train.data import TwoAFC, batches, epoch_order, prefetch, read_2afc
+from lpips_jax.train.evaluate import evaluate_2afc
 from lpips_jax.train.model import init_params, loss_fn
 
-# Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double after a run of
-# finite steps (the usual scheme of NVIDIA apex / torch.amp.GradScaler).
+# Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double on the
+# LOSS_SCALE_PERIOD-th finite step in a row (the usual scheme of NVIDIA apex / torch.amp.GradScaler).
 LOSS_SCALE_INIT = 2.0 ** 15
 LOSS_SCALE_PERIOD = 2000
 
@@ -37,15 +40,14 @@ LOSS_SCALE_PERIOD = 2000
 class TrainState(NamedTuple):
   params: Any  # {"lpips": lpips_jax params, "rank": ranking head}, float32
   opt_state: optax.OptState
-  step: jax.Array  # int32 []: steps taken; the data position is divmod(step, steps_per_epoch)
+  step: jax.Array  # int32 []: steps taken, the run's one step counter; the data position is divmod(step, per epoch)
   rng: jax.Array  # uint32 [2]: the run's dropout key; step s uses fold_in(rng, s)
-  loss_scale: jax.Array  # float32 []: the dynamic loss scale (float16 training; 1 otherwise)
-  good_steps: jax.Array  # int32 []: finite steps since the loss scale last changed
+  dynamic_scale: DynamicScale  # float16's loss scale and its finite-step count (scale 1 and unused otherwise)
 
 
 def lr_schedule(lr: float, steps_per_epoch: int, epochs: int, epochs_decay: int) -> optax.Schedule:
   """The official schedule over steps: `lr` for epochs 1..epochs+1, then `lr / epochs_decay` less after each
-  later epoch (defaults: 1e-4 for epochs 1-6, then 8e-5, 6e-5, 4e-5, 2e-5; SPEC §3.3)."""
+  later epoch (defaults: 1e-4 for epochs 1-6, then 8e-5, 6e-5, 4e-5, 2e-5; docs/official.md §3.3)."""
   def schedule(step):
     epoch = step // steps_per_epoch  # 0-based
     if not epochs_decay:
@@ -95,9 +97,13 @@ def make_optimizer(params, *, mode: str, schedule: optax.Schedule, b1: float = 0
   )
 
 
-def init_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(rng, jnp.uint32),
-                    jnp.ones((), jnp.float32), jnp.zeros((), jnp.int32))
+def init_state(params, tx: optax.GradientTransformation, rng: jax.Array, *, dtype=None) -> TrainState:
+  """The state before the first step; `dtype` float16 starts the loss scale at LOSS_SCALE_INIT."""
+  scale = LOSS_SCALE_INIT if dtype == jnp.float16 else 1.0
+  # DynamicScale doubles the scale on the finite step after `growth_interval` finite ones: the PERIOD-th in a row.
+  dynamic_scale = DynamicScale(growth_interval=LOSS_SCALE_PERIOD - 1, minimum_scale=1.0,
+                               fin_steps=jnp.zeros((), jnp.int32), scale=jnp.full((), scale, jnp.float32))
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(rng, jnp.uint32), dynamic_scale)
 
 
 def freeze(params, mode: str):
@@ -106,47 +112,46 @@ def freeze(params, mode: str):
   return jax.tree.map(lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params, labels)
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def local_mesh() -> jax.sharding.Mesh:
+  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
+  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array | None, *, tx: optax.GradientTransformation,
                mode: str = "lin", dtype=None) -> tuple[TrainState, dict]:
   """One optimiser step on a batch (see `train.model.loss_fn` for its layout).
 
-  rng: this step's dropout key (`fold_in(state.rng, step)` in training), or None for no dropout.
-  dtype: the trunk's compute dtype (None: float32); float16 scales the loss dynamically and skips steps whose
-  gradients overflow. Returns the new state and metrics {"loss", "acc", "grad_norm", "loss_scale", "finite"}.
+  rng: this step's dropout key (`fold_in(state.rng, state.step)` in training), or None for no dropout.
+  dtype: the trunk's compute dtype (None: float32); float16 scales the loss dynamically (`state.dynamic_scale`) and
+  skips steps whose gradients overflow: only the step count and the loss scale change.
+  Returns the new state and metrics {"loss_sum", "acc_sum", "count", "grad_norm", "loss_scale", "finite"}: loss and
+  accuracy are summed over the batch's real examples (`count`, the sum of `batch["weight"]`), so that averages over
+  several steps weigh examples, not steps (a short last batch counts for what it holds).
   """
   f16 = dtype == jnp.float16
-
-  def objective(params):
-    loss, metrics = loss_fn(freeze(params, mode), batch, dropout_rng=rng, dtype=dtype)
-    return (loss * state.loss_scale if f16 else loss), metrics
-
-  grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+  objective = lambda params: loss_fn(freeze(params, mode), batch, dropout_rng=rng, dtype=dtype)
+  dynamic_scale, finite = state.dynamic_scale, jnp.ones((), bool)
   if f16:
-    grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
+    dynamic_scale, finite, (_, metrics), grads = dynamic_scale.value_and_grad(objective, has_aux=True)(state.params)
+  else:
+    grads, metrics = jax.grad(objective, has_aux=True)(state.params)
   with jax.numpy_dtype_promotion("standard"):  # optax's bias correction raises a float to an int32 power
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, state.rng,
-                   state.loss_scale, state.good_steps)
-  finite = jnp.ones((), bool)
+  params = optax.apply_updates(state.params, updates)
   if f16:
-    finite = _all_finite(grads)
-    grow = state.good_steps + 1 >= LOSS_SCALE_PERIOD
-    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), (new.params, new.opt_state),
-                        (state.params, state.opt_state))
-    new = new._replace(params=kept[0], opt_state=kept[1],
-                       loss_scale=jnp.where(finite, jnp.where(grow, state.loss_scale * 2, state.loss_scale),
-                                            jnp.maximum(state.loss_scale / 2, 1.0)),
-                       good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0))
-  return new, {**metrics, "grad_norm": optax.global_norm(grads), "loss_scale": state.loss_scale, "finite": finite}
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
+  new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, dynamic_scale=dynamic_scale)
+  count = jnp.sum(batch["weight"])  # loss_fn's metrics are means over the real examples
+  return new, {"loss_sum": metrics["loss"] * count, "acc_sum": metrics["acc"] * count, "count": count,
+               "grad_norm": optax.tree.norm(grads), "loss_scale": state.dynamic_scale.scale, "finite": finite}
 
 
 def make_train_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *, mode: str, dtype=None):
   """`train_step` jitted data-parallel over `mesh`'s "data" axis (`local_mesh()`): batch sharded, state replicated
-  and donated. On a mesh with Explicit axes, place the state first: `jax.device_put(state, NamedSharding(mesh, P()))`."""
+  and donated. On a mesh with Explicit axes, place the state first:
+  `jax.device_put(state, NamedSharding(mesh, P()))`."""
   replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
   return jax.jit(functools.partial(train_step, tx=tx, mode=mode, dtype=dtype),
                  in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated),
@@ -155,32 +160,116 @@ def make_train_step(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *
 
 # -- the training run ----------------------------------------------------------------------------------------------
 
-def _checkpoints(workdir: Path, keep: int):
+def create_train_state(config: Config, schedule: optax.Schedule,
+                       mesh: jax.sharding.Mesh) -> tuple[TrainState, optax.GradientTransformation]:
+  """A run's first state, replicated over `mesh`, and its optimiser: params drawn from `fold_in(PRNGKey(seed), 0)`,
+  the dropout key `fold_in(PRNGKey(seed), 1)`."""
+  key = jax.random.PRNGKey(config.seed)
+  params = init_params(jax.random.fold_in(key, 0), net=config.net, version=config.version, mode=config.mode,
+                       heads_init=config.heads_init)
+  tx = make_optimizer(params, mode=config.mode, schedule=schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                      nonneg=config.nonneg)
+  state = init_state(params, tx, jax.random.fold_in(key, 1), dtype=DTYPES[config.dtype])
+  return jax.device_put(state, NamedSharding(mesh, PartitionSpec())), tx
+
+
+def checkpoint_manager(workdir: Path, keep: int):
+  """Orbax checkpoints of the whole state under `workdir/checkpoints`, one folder per step, the `keep` latest."""
   import orbax.checkpoint as ocp
 
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
 
 
-def _save(manager, state: TrainState, position: dict) -> None:
+def restore_or_start(manager, state: TrainState, position: dict, log_path: Path, *, resume: bool) -> TrainState:
+  """The state to train from: `state` for a fresh run, which starts a new log, or with `resume` the latest
+  checkpoint's, the log cut back to it.
+
+  Raises FileExistsError for checkpoints without `resume`, and ValueError if the checkpoint was written for other
+  data or settings (`position`: the number of examples, batch size, seed, steps per epoch).
+  """
   import orbax.checkpoint as ocp
 
-  manager.save(position["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         position=ocp.args.JsonSave(position)))
+  latest = manager.latest_step()
+  if latest is None:
+    log_path.unlink(missing_ok=True)  # a fresh run (or one killed before its first checkpoint) starts a new log
+    return state
+  if not resume:
+    raise FileExistsError(f"{log_path.parent} already holds checkpoints (latest step {latest}): pass --resume to "
+                          f"continue that run, or choose a new --workdir")
+  restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                             position=ocp.args.JsonRestore()))
+  changed = {k: (restored.position.get(k), v) for k, v in position.items() if restored.position.get(k) != v}
+  if changed:
+    raise ValueError(f"cannot resume: the checkpoint was written with different data or settings "
+                     f"(saved, now): {changed}")
+  _truncate_log(log_path, int(restored.state.step))
+  return restored.state
 
 
-def _restore(manager, like: TrainState) -> tuple[TrainState, dict]:
+def save_checkpoint(manager, state: TrainState, position: dict) -> None:
+  """Save `state` as checkpoint `state.step`, with `position` and where in the data that step is (JSON)."""
   import orbax.checkpoint as ocp
 
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like),
-                                                           position=ocp.args.JsonRestore()))
-  return restored.state, restored.position
+  step = int(state.step)
+  epoch, batch = divmod(step, position["steps_per_epoch"])
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(
+      {**position, "step": step, "epoch": epoch, "batch": batch})))
 
 
-def _write(log, record: dict) -> None:
+def train_batches(data: TwoAFC, config: Config, start: int, *, pad_to: int,
+                  pool: ThreadPoolExecutor) -> Iterator[dict]:
+  """The batches of steps `start`, `start + 1`, ... to the run's end: each epoch in its `epoch_order`, so a resumed
+  run sees the batches an uninterrupted one would; padded to `pad_to` examples and decoded ahead on `pool`."""
+  n, size = len(data.judge), config.batch_size
+  steps_per_epoch = math.ceil(n / size)
+
+  def epochs():
+    for epoch in range(start // steps_per_epoch, config.epochs + config.epochs_decay):
+      skip = max(start - epoch * steps_per_epoch, 0) * size  # the batches a resumed epoch has already trained on
+      yield from batches(data, epoch_order(n, config.seed, epoch)[skip:], size, pad_to=pad_to, pool=pool)
+  return prefetch(epochs(), config.prefetch)
+
+
+def evaluate(params, val: dict[str, TwoAFC], config: Config, mesh: jax.sharding.Mesh, step: int, epoch: int) -> dict:
+  """The eval record: the 2AFC score of the metric `params["lpips"]` on each validation set, and their mean."""
+  scores = {name: evaluate_2afc(params["lpips"], data, batch_size=config.eval_batch_size, mesh=mesh,
+                                dtype=DTYPES[config.dtype], workers=config.workers)[0] for name, data in val.items()}
+  mean = sum(scores.values()) / len(scores) if scores else None
+  return {"kind": "eval", "step": step, "epoch": epoch, "val": scores, "val_mean": mean}
+
+
+def check_finite(metrics: list[dict], step: int, dtype: str) -> None:
+  """Raise FloatingPointError naming the first step whose loss is not finite; `metrics` end with step `step`'s."""
+  for i, m in enumerate(metrics):
+    loss = float(m["loss_sum"]) / float(m["count"])
+    if not math.isfinite(loss):
+      hint = "; or --dtype bfloat16, which has float32's range" if dtype == "float16" else ""
+      raise FloatingPointError(f"the training loss is {loss} at step {step - len(metrics) + i + 1}: the weights "
+                               f"diverged or the forward pass overflowed; lower --lr{hint}")
+
+
+def train_record(metrics: list[dict], step: int, steps_per_epoch: int, lr: float, elapsed: float) -> dict:
+  """The train record of the steps up to `step` whose `metrics` (host values) are given: loss and accuracy per
+  example (sums over counts), the mean gradient norm, the last loss scale and the number of skipped steps."""
+  count = sum(float(m["count"]) for m in metrics)
+  return {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
+          "loss": sum(float(m["loss_sum"]) for m in metrics) / count,
+          "acc": sum(float(m["acc_sum"]) for m in metrics) / count, "lr": lr,
+          "grad_norm": sum(float(m["grad_norm"]) for m in metrics) / len(metrics),
+          "loss_scale": float(metrics[-1]["loss_scale"]), "skipped": sum(not m["finite"] for m in metrics),
+          "steps_per_s": len(metrics) / elapsed}
+
+
+def write_record(log, record: dict, *, progress: bool = False, total_steps: int = 0) -> None:
+  """Append `record` to the JSON-lines `log`, flushed (a killed run keeps every line), and with `progress` print it."""
   log.write(json.dumps(record) + "\n")
   log.flush()
+  if progress and record["kind"] == "train":
+    print(f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}", flush=True)
+  elif progress and record["kind"] == "eval" and record["step"] and record["val_mean"] is not None:
+    print(f"epoch {record['epoch']}: 2AFC " + ", ".join(f"{k} {100 * v:.2f}" for k, v in record["val"].items()),
+          flush=True)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -188,6 +277,16 @@ def _truncate_log(path: Path, step: int) -> None:
   if path.exists():
     records = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in records))
+
+
+def export(workdir: Path, params, config: Config, steps: int) -> None:
+  """Write the trained metric `lpips.safetensors` (for `lpips_jax.load(path)`) and the ranking head
+  `rank.safetensors`, each with the run's settings as metadata."""
+  # One metadata entry: safetensors writes several in a random order, and the file should depend on its content only.
+  meta = {"training": json.dumps({"net": config.net, "version": config.version, "mode": config.mode, "steps": steps,
+                                  "dtype": config.dtype, "seed": config.seed}, sort_keys=True)}
+  save(workdir / "lpips.safetensors", params["lpips"], metadata=meta)
+  save(workdir / "rank.safetensors", params["rank"], metadata=meta)
 
 
 def plot(log_path: Path, out: Path) -> None:
@@ -214,119 +313,61 @@ def plot(log_path: Path, out: Path) -> None:
   plt.close(fig)
 
 
-def _evaluate(params, val: dict, config: Config, mesh, step: int, epoch: int) -> dict:
-  scores = {name: evaluate_2afc(params["lpips"], data, batch_size=config.eval_batch_size, mesh=mesh,
-                                dtype=DTYPES[config.dtype], workers=config.workers)[0] for name, data in val.items()}
-  mean = float(np.mean(list(scores.values()))) if scores else None
-  return {"kind": "eval", "step": step, "epoch": epoch, "val": scores, "val_mean": mean}
-
-
-def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, progress: bool = False) -> dict:
+def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
+                       progress: bool = False) -> dict | None:
   """Train LPIPS as `config` says, writing to `workdir`:
   `log.jsonl` (config, train lines every `log_every` steps, eval lines before training and after each epoch),
   `training.png`, `checkpoints/` (Orbax; every `checkpoint_every` steps and at the end), and at the end
   `lpips.safetensors` (the metric, for `lpips_jax.load(path)`) and `rank.safetensors` (the ranking head).
 
   `resume` continues from the latest checkpoint exactly (same parameters as an uninterrupted run).
-  Returns the last eval record.
+  Returns the last eval record (None if a resumed run had no epoch left to evaluate).
   """
-  workdir = Path(workdir)
+  workdir, root = Path(workdir), Path(config.dataroot)
   workdir.mkdir(parents=True, exist_ok=True)
-  root = Path(config.dataroot)
+  log_path = workdir / "log.jsonl"
   data = read_2afc([root / name for name in config.datasets])
   val = {name: read_2afc([root / name]) for name in config.val_datasets}
-  n = len(data.judge)
-  steps_per_epoch = math.ceil(n / config.batch_size)
-  total_epochs = config.epochs + config.epochs_decay
-  total_steps = steps_per_epoch * total_epochs
+  steps_per_epoch = math.ceil(len(data.judge) / config.batch_size)
+  total_steps = steps_per_epoch * (config.epochs + config.epochs_decay)
   mesh = local_mesh()
-  padded = math.ceil(config.batch_size / mesh.size) * mesh.size  # every device gets an equal share
-  dtype = DTYPES[config.dtype]
-
-  key = jax.random.PRNGKey(config.seed)
-  params = init_params(jax.random.fold_in(key, 0), net=config.net, version=config.version, mode=config.mode,
-                       heads_init=config.heads_init)
   schedule = lr_schedule(config.lr, steps_per_epoch, config.epochs, config.epochs_decay)
-  tx = make_optimizer(params, mode=config.mode, schedule=schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      nonneg=config.nonneg)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(init_state(params, tx, jax.random.fold_in(key, 1)), replicated)
-  if dtype == jnp.float16:
-    state = state._replace(loss_scale=jax.device_put(jnp.float32(LOSS_SCALE_INIT), replicated))
-
-  position = {"examples": n, "batch_size": config.batch_size, "seed": config.seed,
+  state, tx = create_train_state(config, schedule, mesh)
+  position = {"examples": len(data.judge), "batch_size": config.batch_size, "seed": config.seed,
               "steps_per_epoch": steps_per_epoch}
-  manager = _checkpoints(workdir, config.keep_checkpoints)
-  log_path = workdir / "log.jsonl"
-  if manager.latest_step() is not None:
-    if not resume:
-      raise FileExistsError(f"{workdir} already holds checkpoints (latest step {manager.latest_step()}): pass "
-                            f"--resume to continue that run, or choose a new --workdir")
-    state, saved = _restore(manager, state)
-    changed = {k: (saved.get(k), v) for k, v in position.items() if saved.get(k) != v}
-    if changed:
-      raise ValueError(f"cannot resume: the checkpoint was written with different data or settings "
-                       f"(saved, now): {changed}")
-    _truncate_log(log_path, int(state.step))
-  elif log_path.exists():
-    log_path.unlink()  # a fresh run (or one killed before its first checkpoint) starts a new log
-  step = int(state.step)
-  step_fn = make_train_step(tx, mesh, mode=config.mode, dtype=dtype)
-  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  dropout_key = np.asarray(state.rng)
-
-  record = None
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  state = restore_or_start(manager, state, position, log_path, resume=resume)
+  step_fn = make_train_step(tx, mesh, mode=config.mode, dtype=DTYPES[config.dtype])
+  start, record = int(state.step), None
   with open(log_path, "a") as log, ThreadPoolExecutor(config.workers) as pool:
-    if step == 0:
-      _write(log, {"kind": "config", "step": 0, **{k: list(v) if isinstance(v, tuple) else v
-                                                   for k, v in vars(config).items()}, "devices": mesh.size})
-      record = _evaluate(state.params, val, config, mesh, 0, 0)
-      _write(log, record)
+    emit = functools.partial(write_record, log, progress=progress, total_steps=total_steps)
+    if start == 0:
+      emit({"kind": "config", "step": 0, **{k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in vars(config).items()}, "devices": mesh.size})
+      record = evaluate(state.params, val, config, mesh, 0, 0)
+      emit(record)
+    stream = train_batches(data, config, start, pad_to=padded_batch_size(config.batch_size, mesh),
+                           pool=pool)  # padded so that every device gets an equal share
     pending, started = [], time.perf_counter()
-    for epoch in range(step // steps_per_epoch, total_epochs):
-      order = epoch_order(n, config.seed, epoch)[(step - epoch * steps_per_epoch) * config.batch_size:]
-      stream = prefetch(batches(data, order, config.batch_size, pad_to=padded, pool=pool), config.prefetch)
-      for batch in stream:
-        rng = jax.random.fold_in(dropout_key, step) if config.dropout else None
-        state, metrics = step_fn(state, jax.device_put(batch, data_sharding), rng)
-        step += 1
-        pending.append(metrics)
-        if step % config.log_every == 0 or step % steps_per_epoch == 0:
-          values = jax.device_get(pending)
-          bad = [i for i, m in enumerate(values) if not np.isfinite(m["loss"])]
-          if bad:
-            hint = "; or --dtype bfloat16, which has float32's range" if config.dtype == "float16" else ""
-            raise FloatingPointError(
-                f"the training loss is {values[bad[0]]['loss']} at step {step - len(values) + bad[0] + 1}: the "
-                f"weights diverged or the forward pass overflowed; lower --lr{hint}")
-          elapsed, started = time.perf_counter() - started, time.perf_counter()
-          loss = float(np.mean([m["loss"] for m in values]))
-          _write(log, {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                       "acc": float(np.mean([m["acc"] for m in values])), "lr": float(schedule(step - 1)),
-                       "grad_norm": float(np.mean([m["grad_norm"] for m in values])),
-                       "loss_scale": float(values[-1]["loss_scale"]),
-                       "skipped": int(sum(not m["finite"] for m in values)),
-                       "steps_per_s": len(values) / elapsed})
-          pending = []
-          if progress:
-            print(f"step {step}/{total_steps}  loss {loss:.4f}", flush=True)
-        if step % steps_per_epoch == 0:
-          record = _evaluate(state.params, val, config, mesh, step, step // steps_per_epoch)
-          _write(log, record)
-          plot(log_path, workdir / "training.png")
-          if progress and record["val_mean"] is not None:
-            print(f"epoch {record['epoch']}: 2AFC " + ", ".join(
-                f"{k} {100 * v:.2f}" for k, v in record["val"].items()), flush=True)
-        if step % config.checkpoint_every == 0 or step == total_steps:
-          _save(manager, state, {**position, "step": step, "epoch": step // steps_per_epoch,
-                                 "batch": step % steps_per_epoch})
+    # `step` counts the steps taken once this one is: it follows state.step without reading it back from the device.
+    for step, batch in zip(range(start + 1, total_steps + 1), stream):
+      rng = jax.random.fold_in(state.rng, state.step) if config.dropout else None
+      state, metrics = step_fn(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))), rng)
+      pending.append(metrics)
+      if step % config.log_every == 0 or step % steps_per_epoch == 0:
+        values = jax.device_get(pending)
+        check_finite(values, step, config.dtype)
+        elapsed, started = time.perf_counter() - started, time.perf_counter()
+        emit(train_record(values, step, steps_per_epoch, float(schedule(step - 1)), elapsed))
+        pending = []
+      if step % steps_per_epoch == 0:
+        record = evaluate(state.params, val, config, mesh, step, step // steps_per_epoch)
+        emit(record)
+        plot(log_path, workdir / "training.png")
+      if step % config.checkpoint_every == 0 or step == total_steps:
+        save_checkpoint(manager, state, position)
   manager.wait_until_finished()
   manager.close()
-  params = jax.device_get(state.params)
-  # One metadata entry: safetensors writes several in a random order, and the file should depend on its content only.
-  meta = {"training": json.dumps({"net": config.net, "version": config.version, "mode": config.mode, "steps": step,
-                                  "dtype": config.dtype, "seed": config.seed}, sort_keys=True)}
-  save(workdir / "lpips.safetensors", params["lpips"], metadata=meta)
-  save(workdir / "rank.safetensors", params["rank"], metadata=meta)
+  export(workdir, jax.device_get(state.params), config, int(state.step))
   plot(log_path, workdir / "training.png")
   return record
