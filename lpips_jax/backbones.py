@@ -19,13 +19,25 @@ def _conv(features: int, kernel: int, stride: int, pad: int, name: str, dtype, p
                  precision=precision, name=name)
 
 
-class _TrunkOptions(nn.Module):
-  """The attributes every trunk has: `dtype`, the compute dtype; `precision`, the XLA convolution precision; `remat`,
-  rematerialise each slice in the backward pass (see `_remat`)."""
+class _Trunk(nn.Module):
+  """A trunk runs its LPIPS slices in order, each slice's output being a tap and the next slice's input. Each trunk
+  defines its layers as `slice(x, s)` and their number as `slices`.
+
+  Attributes: `dtype`, the compute dtype; `precision`, the XLA convolution precision; `remat`, rematerialise each
+  slice in the backward pass (see `_remat`).
+  """
 
   dtype: Any = None
   precision: Any = None
   remat: bool = False
+  slices = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    run, taps = _remat(type(self).slice, self.remat), []
+    for s in range(self.slices):
+      taps.append(x := run(self, x, s))
+    return tuple(taps)
 
 
 def _remat(method, remat: bool):
@@ -66,15 +78,10 @@ _ALEXNET_SLICES = ((0, 64, 11, 4, 2, False), (3, 192, 5, 1, 2, True), (6, 384, 3
                    (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, False))
 
 
-class AlexNet(_TrunkOptions):
+class AlexNet(_Trunk):
   """torchvision `alexnet().features[:12]`; taps relu1..relu5 (64, 192, 384, 256, 256 channels)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    run, taps = _remat(AlexNet.slice, self.remat), []
-    for s in range(len(_ALEXNET_SLICES)):
-      taps.append(x := run(self, x, s))
-    return tuple(taps)
+  slices = len(_ALEXNET_SLICES)
 
   def slice(self, x: jax.Array, s: int) -> jax.Array:
     index, features, kernel, stride, pad, pool = _ALEXNET_SLICES[s]
@@ -89,15 +96,10 @@ _VGG16_SLICES = (((0, 64), (2, 64)), ((5, 128), (7, 128)), ((10, 256), (12, 256)
                  ((17, 512), (19, 512), (21, 512)), ((24, 512), (26, 512), (28, 512)))
 
 
-class VGG16(_TrunkOptions):
+class VGG16(_Trunk):
   """torchvision `vgg16().features[:30]` (no batch norm); taps relu1_2..relu5_3 (64, 128, 256, 512, 512)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    run, taps = _remat(VGG16.slice, self.remat), []
-    for s in range(len(_VGG16_SLICES)):
-      taps.append(x := run(self, x, s))
-    return tuple(taps)
+  slices = len(_VGG16_SLICES)
 
   def slice(self, x: jax.Array, s: int) -> jax.Array:
     if s:
@@ -129,15 +131,10 @@ _SQUEEZENET_SLICES = (((3, 16, 64), (4, 16, 64)), ((6, 32, 128), (7, 32, 128)), 
                       ((11, 64, 256),), ((12, 64, 256),))
 
 
-class SqueezeNet(_TrunkOptions):
+class SqueezeNet(_Trunk):
   """torchvision `squeezenet1_1().features`; taps conv1, fire3, fire5..fire9 (64, 128, 256, 384, 384, 512, 512)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    run, taps = _remat(SqueezeNet.slice, self.remat), []
-    for s in range(1 + len(_SQUEEZENET_SLICES)):
-      taps.append(x := run(self, x, s))
-    return tuple(taps)
+  slices = 1 + len(_SQUEEZENET_SLICES)
 
   def slice(self, x: jax.Array, s: int) -> jax.Array:
     if s == 0:

@@ -3,17 +3,20 @@ import csv
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import lpips_jax
-from lpips_jax import cli
+from lpips_jax import cli, scoring
 
-IMAGES = cli.Path(lpips_jax.__file__).parent / "images"
+IMAGES = Path(lpips_jax.__file__).parent / "images"
 
 
 def load_image(name):
@@ -64,7 +67,7 @@ def test_two_directories_give_a_csv_of_same_named_pairs_with_a_progress_bar(fold
   expected = [lpips_jax.distance(params, load_image(x), y)[0] for x, y in
               (("ex_p0", load_image("ex_ref")), ("ex_p1", load_image("ex_ref")), ("ex_ref", gray))]
   np.testing.assert_allclose([float(r["distance"]) for r in rows], expected, atol=1e-6)
-  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)  # ENV §3
+  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)  # docs/offline.md §3
   assert "100%" in result.stderr and "3/3" in result.stderr  # the tqdm bar, on stderr
   assert f"{b / 'ex_ref.png'} is L, converted to RGB" in result.stderr
 
@@ -82,22 +85,27 @@ def test_one_directory_gives_all_pairs(folders):
   assert "100%" in result.stderr
 
 
-def test_spatial_heat_map_is_written_and_drawn_from_the_distance_map(tmp_path):
+def test_spatial_heat_map_is_drawn_with_a_colour_bar_and_the_distance(tmp_path):
   out = tmp_path / "map.png"
   result = run(IMAGES / "ex_ref.png", IMAGES / "ex_p1.png", "--spatial", out)
   assert result.returncode == 0, result.stderr
   png = np.asarray(Image.open(out))
-  assert png.shape == (64, 3 * 64, 3)
+  assert png.shape[0] > 4 * 64 and png.shape[1] > 3 * 4 * 64  # 64x64 images are enlarged for display
   ref, p1 = load_image("ex_ref"), load_image("ex_p1")
-  np.testing.assert_array_equal(png[:, :64], np.asarray(Image.open(IMAGES / "ex_ref.png").convert("RGB")))
-  np.testing.assert_array_equal(png[:, 64:128], np.asarray(Image.open(IMAGES / "ex_p1.png").convert("RGB")))
-  # The third panel is the colour ramp of this very map (computed here, independently of the command) ...
   d_map = np.asarray(lpips_jax.distance(lpips_jax.load("alex"), ref, p1, spatial=True))[0]
-  np.testing.assert_array_equal(png[:, 128:], cli.heat_colors(d_map))
-  # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (docs/official.md §1.2).
   scalar = float(result.stdout.split("\t")[1])
+  # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (docs/official.md
+  # §1.2).
   assert abs(d_map.mean() - scalar) <= 0.05 * scalar
-  assert len(np.unique(png[:, 128:].reshape(-1, 3), axis=0)) > 10  # a map, not a flat colour
+  figure = cli.heat_figure(ref[0], p1[0], d_map, total=scalar)
+  image_axes = [ax for ax in figure.axes if ax.images]
+  shown = image_axes[2].images[0]
+  np.testing.assert_array_equal(shown.get_array(), d_map)
+  assert shown.get_clim() == (0, pytest.approx(d_map.max())) and shown.get_cmap().name == "magma"
+  assert len(figure.axes) == 4  # a, b, the map and its colour bar
+  assert f"{scalar:.4f}" in figure.texts[0].get_text()  # the distance is in the title
+  fixed = cli.heat_figure(ref[0], p1[0], d_map, total=scalar, vmax=1.0)  # a fixed scale, to compare maps
+  assert [ax for ax in fixed.axes if ax.images][2].images[0].get_clim() == (0, 1.0)
 
 
 def test_sizes_must_match_unless_resized(tmp_path):
@@ -168,7 +176,7 @@ def test_batches_group_pairs_by_size_and_give_the_pairwise_values(tmp_path):
   params = lpips_jax.load("alex")
   pairs = [(ref, paths["a"]), (paths["b"], paths["d"]), (ref, paths["c"]), (paths["e"], paths["e"]),
            (paths["d"], paths["b"])]
-  batched = cli.pair_distances(params, pairs, resize=False, batch_size=4, progress=False)
+  batched = cli.pair_distances(params, pairs, resize=False, batch_size=2, progress=False)
   one_by_one = [float(lpips_jax.distance(params, cli.read_image(x)[None], cli.read_image(y)[None])[0])
                 for x, y in pairs]
   np.testing.assert_allclose(batched, one_by_one, rtol=1e-6, atol=1e-7)
@@ -176,3 +184,97 @@ def test_batches_group_pairs_by_size_and_give_the_pairwise_values(tmp_path):
   resized = cli.pair_distances(params, [(ref, paths["b"])], resize=True, batch_size=4, progress=False)
   small = np.asarray(Image.open(paths["b"]).resize((64, 64), Image.BILINEAR), np.float32)[None] / 127.5 - 1
   np.testing.assert_allclose(resized, lpips_jax.distance(params, load_image("ex_ref"), small), rtol=1e-6)
+
+
+def folder_of_pairs(tmp_path, n, sizes=((32, 32),)):
+  """Directories a/ and b/ of n same-named pairs of noisy crops of the example images, in the given sizes."""
+  rng = np.random.default_rng(0)
+  base = [np.asarray(Image.open(IMAGES / f"{name}.png").convert("RGB")) for name in ("ex_ref", "ex_p0", "ex_p1")]
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+  for i in range(n):
+    w, h = sizes[i % len(sizes)]
+    image = base[i % 3][:h, :w]
+    noisy = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a" / f"{i:04d}.png")
+    Image.fromarray(noisy).save(tmp_path / "b" / f"{i:04d}.png")
+  return tmp_path / "a", tmp_path / "b"
+
+
+def test_a_killed_run_leaves_complete_rows_and_resume_completes_it_exactly(tmp_path):
+  a, b = folder_of_pairs(tmp_path, 600)
+  whole = tmp_path / "whole.csv"
+  assert run(a, b, "-o", whole, "--batch-size", "8").returncode == 0
+  expected = whole.read_bytes()
+  assert expected.count(b"\n") == 601
+  out = tmp_path / "out.csv"
+  process = subprocess.Popen([sys.executable, "-m", "lpips_jax.cli", str(a), str(b), "-o", str(out),
+                              "--batch-size", "8"], stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 100):
+    time.sleep(0.01)
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  partial = out.read_bytes()
+  assert 100 <= partial.count(b"\n") < 601, "the run was not killed mid-way"
+  assert expected.startswith(partial)  # only complete, correct rows, in order
+  with open(out, "ab") as f:  # a row torn by a kill in mid-write is dropped on resume
+    f.write(expected[len(partial):len(partial) + 30])
+  result = run(a, b, "-o", out, "--batch-size", "8", "--resume")
+  assert result.returncode == 0, result.stderr
+  assert out.read_bytes() == expected
+  assert "600 pairs, mean" in result.stderr and "95% CI" in result.stderr
+  assert run(a, b, "-o", out, "--resume").returncode == 0 and out.read_bytes() == expected  # nothing left to do
+  other = tmp_path / "other.csv"
+  other.write_text("a,b,distance\nx.png,y.png,0.5\n")
+  result = run(a, b, "-o", other, "--resume")
+  assert result.returncode == 1 and "written for other inputs" in result.stderr
+
+
+def test_mixed_sizes_compile_once_per_size_and_give_the_plain_distances(tmp_path):
+  sizes = ((32, 32), (40, 36), (48, 32))
+  a, b = folder_of_pairs(tmp_path, 45, sizes)
+  pairs, _ = cli.pairs_of([a, b])
+  params = lpips_jax.load("alex")
+  options = dict(variant=lpips_jax.lpips.check_params(params), normalize=False, dtype=None, precision=None)
+  engine = scoring._jitted(scoring.pair_distances, scoring.global_mesh(), 2, tuple(sorted(options.items())))
+  before = engine._cache_size()
+  values = cli.pair_distances(params, pairs, resize=False, batch_size=4, progress=False)
+  assert engine._cache_size() - before == len(sizes)  # 12 batches of 3 new sizes: one compilation per size
+  expected = [float(lpips_jax.distance(params, cli.read_image(x)[None], cli.read_image(y)[None])[0]) for x, y in pairs]
+  np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_any_file_name_survives_the_csv(tmp_path):
+  names = ["comma,name.png", 'quote"d.png', "with space.png", "ünïcödé.png", "new\nline.png", "tab\there.png"]
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+  for k, name in enumerate(names):
+    shutil.copy(IMAGES / "ex_ref.png", tmp_path / "a" / name)
+    shutil.copy(IMAGES / f"ex_p{k % 2}.png", tmp_path / "b" / name)
+  out = tmp_path / "out.csv"
+  result = run(tmp_path / "a", tmp_path / "b", "-o", out)
+  assert result.returncode == 0, result.stderr
+  rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
+  assert sorted(Path(r["a"]).name for r in rows) == sorted(names)
+  assert all(Path(r["a"]).name == Path(r["b"]).name for r in rows)
+  by_name = {Path(r["a"]).name: float(r["distance"]) for r in rows}
+  assert by_name["comma,name.png"] == pytest.approx(0.721881, abs=1e-5)  # ex_ref against ex_p0
+
+
+def test_reference_features_are_computed_once_through_pairwise(monkeypatch):
+  calls = []
+  real = cli.pairwise
+  monkeypatch.setattr(cli, "pairwise", lambda params, x, y=None, **kw: calls.append((len(x), len(y))) or
+                      real(params, x, y, **kw))
+  values = cli.ref_distances(lpips_jax.load("alex"), IMAGES / "ex_ref.png", [IMAGES / "ex_p0.png",
+                             IMAGES / "ex_p1.png", IMAGES / "ex_ref.png"], resize=False, batch_size=8)
+  assert calls == [(1, 3)]
+  np.testing.assert_allclose(values, [0.721881, 0.137566, 0.0], atol=1e-5)
+
+
+def test_bfloat16_trunk_is_close_to_float32():
+  result = run(IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", IMAGES / "ex_p1.png", "--dtype", "bfloat16")
+  assert result.returncode == 0, result.stderr
+  values = [float(line.split("\t")[1]) for line in result.stdout.splitlines()]
+  np.testing.assert_allclose(values, [0.721881, 0.137566], rtol=0.05)

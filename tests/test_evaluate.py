@@ -188,6 +188,26 @@ def test_eval_command_scores_released_weights(tmp_path, capsys):
   assert out.exists()
 
 
+def test_eval_command_gives_bootstrap_intervals_and_a_paired_comparison(tmp_path, capsys):
+  from lpips_jax.stats import bootstrap_ci, paired_bootstrap
+  from lpips_jax.train import eval_main as eval_command
+  from lpips_jax.train.evaluate import agreement_2afc
+
+  write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=12)
+  eval_command.main(["--weights", "alex", "--compare", "squeeze", "--dataroot", str(tmp_path), "--datasets",
+                     "val/mine", "--resamples", "500"])
+  printed = capsys.readouterr().out
+  data = read_2afc([tmp_path / "2afc" / "val" / "mine"])
+  ref, p0, p1 = (np.stack([load_image(p) for p in getattr(data, k)]) for k in ("ref", "p0", "p1"))
+  items = {net: agreement_2afc(lpips_jax.distance(lpips_jax.load(net), ref, p0),
+                               lpips_jax.distance(lpips_jax.load(net), ref, p1), data.judge) for net in
+           ("alex", "squeeze")}
+  ci = bootstrap_ci(items["alex"], resamples=500)
+  assert f"(95% CI {100 * ci.low:.2f}-{100 * ci.high:.2f})" in printed and ci.low <= ci.mean <= ci.high
+  diff = paired_bootstrap(items["alex"], items["squeeze"], resamples=500)
+  assert f"minus squeeze: {100 * diff.difference:+.2f} (95% CI {100 * diff.low:+.2f} to {100 * diff.high:+.2f}" in printed
+
+
 def test_eval_command_errors_are_one_line(tmp_path):
   from lpips_jax.train import eval_main as eval_command
 

@@ -5,7 +5,11 @@
   lpips-jax eval --weights vgg --mode jnd          # JND mAP on val/traditional and val/cnn
   lpips-jax eval --weights squeeze --baseline      # the uncalibrated trunk (official model='baseline')
 
-Prints one line per set, `  Dataset [val/cnn]: 83.xx` (score in %), then the mean.
+  lpips-jax eval --weights vgg --compare alex           # VGG minus Alex on the same triplets, paired bootstrap
+
+Prints one line per set, `  Dataset [val/cnn]: 83.xx (95% CI 82.xx-84.xx)` (score in %, percentile bootstrap over
+the set's examples), then the mean; with --compare, the difference of the two metrics on each set with its
+paired-bootstrap interval and p-value.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from lpips_jax.backbones import NETS
 from lpips_jax.lpips import VERSIONS
@@ -34,6 +40,9 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=50)
   parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                       help="trunk compute dtype")
+  parser.add_argument("--compare", metavar="WEIGHTS", help="also score these weights (as --weights) on the same "
+                      "examples and print the difference with its paired-bootstrap interval and p-value")
+  parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each interval")
   parser.add_argument("--json", help="also write {set: score} to this file")
   return parser.parse_args(argv)
 
@@ -47,29 +56,78 @@ def main(argv=None) -> dict[str, float]:
 
 
 def score(args: argparse.Namespace) -> dict[str, float]:
-  """Score the weights `args` name on each set, printing as the official test_dataset_model.py."""
-  import lpips_jax
+  """Score the weights `args` name on each set, printing as the official test_dataset_model.py, with a 95%
+  bootstrap interval of each score (and, with --compare, the paired difference of two metrics)."""
   from lpips_jax.train.data import read_2afc, read_jnd
-  from lpips_jax.train.evaluate import evaluate_2afc, evaluate_jnd
 
-  path = Path(args.weights)
-  if args.weights.endswith(".safetensors") or path.is_file():
-    if args.baseline:
-      sys.exit("--baseline applies to released weights ('alex', 'vgg', 'squeeze'), not to a weights file")
-    params = lpips_jax.load(path)
-  else:
-    params = lpips_jax.load(args.weights, args.version, lpips=not args.baseline)
-  dtype = DTYPES[args.dtype]
-  read, evaluate = (read_2afc, evaluate_2afc) if args.mode == "2afc" else (read_jnd, evaluate_jnd)
+  if args.resamples < 1:
+    raise ValueError(f"--resamples must be at least 1, got {args.resamples}")
+  params = _weights(args.weights, args)
+  other = _weights(args.compare, args) if args.compare else None
+  read = read_2afc if args.mode == "2afc" else read_jnd
   scores = {}
   for name in args.datasets or SETS[args.mode]:
     data = read([Path(args.dataroot) / args.mode / name])
-    scores[name] = evaluate(params, data, batch_size=args.batch_size, dtype=dtype, progress=True, desc=name)[0]
-    print(f"  Dataset [{name}]: {100 * scores[name]:.2f}", flush=True)
+    items = _items(params, data, args, name)
+    scores[name] = float(items.mean()) if args.mode == "2afc" else _jnd(items, data.same)
+    print(f"  Dataset [{name}]: {100 * scores[name]:.2f} {_interval(items, data, args)}", flush=True)
+    if other is not None:
+      print(f"    {_difference(items, _items(other, data, args, name), data, args)}", flush=True)
   print(f"  Mean: {100 * sum(scores.values()) / len(scores):.2f}")
   if args.json:
     Path(args.json).write_text(json.dumps(scores, indent=1))
   return scores
+
+
+def _weights(name: str, args: argparse.Namespace):
+  import lpips_jax
+
+  path = Path(name)
+  if name.endswith(".safetensors") or path.is_file():
+    if args.baseline:
+      raise ValueError("--baseline applies to released weights ('alex', 'vgg', 'squeeze'), not to a weights file")
+    return lpips_jax.load(path)
+  return lpips_jax.load(name, args.version, lpips=not args.baseline)
+
+
+def _items(params, data, args, name: str):
+  """Per-example values: 2AFC agreements [N] (their mean is the score), or the JND distances [N]."""
+  from lpips_jax.train.evaluate import agreement_2afc, set_distances
+
+  d = set_distances(params, data, batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=True, desc=name)
+  return agreement_2afc(d[0], d[1], data.judge) if args.mode == "2afc" else d[0]
+
+
+def _jnd(d, same) -> float:
+  from lpips_jax.train.evaluate import score_jnd
+
+  return score_jnd(d, same)
+
+
+def _interval(items, data, args) -> str:
+  """'(95% CI a-b)' of a 2AFC score (bootstrap of the mean agreement) or a JND mAP (bootstrap over pairs)."""
+  from lpips_jax.stats import bootstrap_ci
+
+  if args.mode == "2afc":
+    ci = bootstrap_ci(items, resamples=args.resamples)
+    low, high = ci.low, ci.high
+  else:
+    rng = np.random.default_rng(0)
+    draws = [_jnd(items[k], data.same[k]) for k in rng.integers(0, len(items), (min(args.resamples, 1000),
+                                                                                len(items)))]
+    low, high = np.nanquantile(draws, [0.025, 0.975])
+  return f"(95% CI {100 * low:.2f}-{100 * high:.2f})"
+
+
+def _difference(items, other, data, args) -> str:
+  """The --compare line: weights minus compared weights, with the paired-bootstrap interval and p-value (2AFC)."""
+  from lpips_jax.stats import paired_bootstrap
+
+  if args.mode != "2afc":
+    return f"compared: {100 * _jnd(other, data.same):.2f} (paired intervals are computed for 2AFC only)"
+  diff = paired_bootstrap(items, other, resamples=args.resamples)
+  return (f"minus {args.compare}: {100 * diff.difference:+.2f} (95% CI {100 * diff.low:+.2f} to "
+          f"{100 * diff.high:+.2f}, p = {diff.p_value:.3g})")
 
 
 if __name__ == "__main__":

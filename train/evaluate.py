@@ -34,12 +34,17 @@ def score_2afc(d0, d1, judge) -> float:
   preferred p1, N elements in [0, 1]. A triplet scores `1 - judge` if d0 < d1, `judge` if d1 < d0 and 0.5 for a tie
   (official `score_2afc_dataset`).
   """
+  return float(np.mean(agreement_2afc(d0, d1, judge)))
+
+
+def agreement_2afc(d0, d1, judge) -> np.ndarray:
+  """Each triplet's agreement with the people, f64 [N] (its mean is `score_2afc`): what a bootstrap resamples."""
   d0, d1, judge = _flat("d0", d0), _flat("d1", d1), _flat("judge", judge)
   if not d0.size == d1.size == judge.size:
     raise ValueError(f"d0, d1 and judge must have as many elements; got {d0.size}, {d1.size}, {judge.size}")
   if d0.size == 0:
     raise ValueError("no triplets to score")
-  return float(np.mean((d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5))
+  return (d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5
 
 
 def voc_ap(rec: np.ndarray, prec: np.ndarray) -> float:
