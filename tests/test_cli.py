@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ def load_image(name):
   return cli.read_image(IMAGES / f"{name}.png")[None]
 
 
-def run(*args, cwd=None, env=None):
-  """The command in a fresh process; stdout/stderr decoded without turning tqdm's carriage returns into lines."""
+def run(*args, cwd=tempfile.gettempdir(), env=None):
+  """The command in a fresh process; stdout/stderr decoded without turning tqdm's carriage returns into lines.
+
+  It runs outside the repository, so it imports the installed package, not the repository's source folders."""
   result = subprocess.run([sys.executable, "-m", "lpips_jax.cli", *map(str, args)], capture_output=True, cwd=cwd,
                           env=env)
   result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
@@ -209,7 +212,7 @@ def test_a_killed_run_leaves_complete_rows_and_resume_completes_it_exactly(tmp_p
   assert expected.count(b"\n") == 601
   out = tmp_path / "out.csv"
   process = subprocess.Popen([sys.executable, "-m", "lpips_jax.cli", str(a), str(b), "-o", str(out),
-                              "--batch-size", "8"], stderr=subprocess.DEVNULL)
+                              "--batch-size", "8"], stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 100):
     time.sleep(0.01)

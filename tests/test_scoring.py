@@ -35,6 +35,29 @@ def test_sharded_scoring_equals_single_device(net, n):
   np.testing.assert_allclose(sharded, single, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [3, 12])  # rounded up to 8 and 16 on the 8 devices
+def test_batch_sizes_not_divisible_by_the_device_count(batch_size):
+  a, b = pairs(29)
+  np.testing.assert_allclose(score_pairs(params_of("alex"), a, b, batch_size=batch_size),
+                             lpips_jax.distance(params_of("alex"), a, b), atol=1e-6, rtol=1e-6)
+
+
+def test_the_engine_keeps_order_and_drops_padding_for_several_inputs_and_outputs():
+  from lpips_jax.scoring import run_batches
+
+  a, b = pairs(11)
+  batches = [(a[:5], b[:5], a[:5]), (a[5:], b[5:], a[5:])]
+  out = list(run_batches(_two_distances, params_of("alex"), batches, batch_size=5))
+  assert [len(o[0]) for o in out] == [5, 6]  # padded to 8 on the devices, returned unpadded
+  d0 = np.concatenate([o[0] for o in out])
+  np.testing.assert_allclose(d0, lpips_jax.distance(params_of("alex"), a, b), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(np.concatenate([o[1] for o in out]), np.zeros(11), atol=1e-7)  # d(x, x)
+
+
+def _two_distances(params, x, y, z):
+  return lpips_jax.distance(params, x, y), lpips_jax.distance(params, x, z)
+
+
 def test_scoring_an_iterator_of_batches():
   a, b = pairs(19)
   batches = ((a[i:i + 5], b[i:i + 5]) for i in range(0, 19, 5))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lpips_jax.train.model import init_params, init_trunk, loss_fn
 from lpips_jax.train.train import (LOSS_SCALE_PERIOD, check_finite, freeze, init_state, lr_schedule, make_optimizer,
                                    make_train_step, nonneg_mask, train_record, train_step, trainable_labels)
 
-REPO = Path(__file__).resolve().parents[1]
+OUTSIDE = tempfile.gettempdir()
 
 
 def setup(net, mode, *, lr=1e-4, nonneg="official", seed=0):
@@ -278,8 +279,10 @@ def test_every_flag_says_what_it_sets_and_its_default(capsys):
 def command(args, *, devices=1, wait=True):
   """`python -m lpips_jax.train ARGS` in a fresh process on `devices` CPU devices."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen([sys.executable, "-m", "lpips_jax.train", "--quiet", *map(str, args)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # Run outside the repository: there, `python -m` would import its source folder lpips_jax/, which (unlike the
+  # installed package) holds no lpips_jax.train.
+  process = subprocess.Popen([sys.executable, "-m", "lpips_jax.train", "--quiet", *map(str, args)], cwd=OUTSIDE,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return process
   out, _ = process.communicate(timeout=600)
