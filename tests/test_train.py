@@ -46,11 +46,11 @@ def official_trainer(official, params, mode):
   trainer.initialize(model="lpips", net=lpips_jax.lpips.variant(params["lpips"]).net, use_gpu=False, is_train=True,
                      pnet_rand=True, pnet_tune=mode != "lin")
   state = to_lpips_state_dict(jax.tree.map(np.asarray, params["lpips"]))
-  trainer.net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  trainer.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
   with torch.no_grad():
     for i, conv in enumerate(rank_convs(trainer)):
-      conv.weight.copy_(torch.from_numpy(np.asarray(params["rank"][f"conv{i}"]["kernel"]).T[:, :, None, None].copy()))
-      conv.bias.copy_(torch.from_numpy(np.asarray(params["rank"][f"conv{i}"]["bias"])))
+      conv.weight.copy_(torch.from_numpy(np.array(params["rank"][f"conv{i}"]["kernel"]).T[:, :, None, None].copy()))
+      conv.bias.copy_(torch.from_numpy(np.array(params["rank"][f"conv{i}"]["bias"])))
   trainer.net.eval()  # dropout off (the trainer itself never calls eval)
   return trainer
 
@@ -77,7 +77,7 @@ def test_one_step_equals_the_official_trainer(net, mode, official, examples):
                      "judge": torch.from_numpy(batch["judge"]).reshape(4, 1, 1, 1)})
   trainer.optimize_parameters()  # forward, BCE, backward, Adam step, clamp_weights
 
-  assert abs(float(loss) - float(trainer.loss_total)) <= 1e-5 and float(metrics["count"]) == 4
+  assert abs(float(loss) - float(trainer.loss_total.detach())) <= 1e-5 and float(metrics["count"]) == 4
   assert float(metrics["loss_sum"]) / 4 == pytest.approx(float(loss), rel=1e-6)  # the step sums what loss_fn averages
   # Gradients of every parameter the official trains (heads; the trunk in tune mode), and none elsewhere.
   ours = to_lpips_state_dict(jax.tree.map(np.asarray, grads["lpips"]))
