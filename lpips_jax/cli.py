@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lpips_jax.lpips import VERSIONS, check_images, check_params, distance
+from lpips_jax.lpips import VERSIONS, check_images, check_params, distance_from_features, features
 from lpips_jax.pairwise import pairwise
 from lpips_jax.scoring import pair_distances as _engine_pair_distances
 from lpips_jax.scoring import prefetch, run_batches
@@ -173,9 +173,10 @@ def pairs_of(paths: list[Path]) -> tuple[list[tuple[Path, Path]], str]:
   return pairs, "all"
 
 
-def _read_all(paths: list[Path], workers: int = 4) -> list[np.ndarray]:
+def _read_all(paths: list[Path], size: tuple[int, int] | None = None, workers: int = 4) -> list[np.ndarray]:
+  """`read_image` of each path (resized to `size` if given), decoded by `workers` threads."""
   with ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(read_image, paths))
+    return list(pool.map(lambda p: read_image(p, size), paths))
 
 
 def _size_error(a: Path, x: np.ndarray, b: Path, y: np.ndarray) -> CommandError:
@@ -188,13 +189,10 @@ def _size_error(a: Path, x: np.ndarray, b: Path, y: np.ndarray) -> CommandError:
 def ref_distances(params, ref: Path, others: list[Path], *, resize: bool, batch_size: int, dtype=None) -> np.ndarray:
   """Distances of each image of `others` to `ref`: one `pairwise` row, so REF's features are computed once."""
   x = read_image(ref)
-  size = (x.shape[1], x.shape[0]) if resize else None
-  with ThreadPoolExecutor(4) as pool:
-    ys = list(pool.map(lambda p: read_image(p, size), others))
+  ys = _read_all(others, (x.shape[1], x.shape[0]) if resize else None)
   for path, y in zip(others, ys):
     if y.shape != x.shape:
       raise _size_error(ref, x, path, y)
-  check_images(x[None], x[None], check_params(params).net)
   return pairwise(params, x[None], np.stack(ys), batch_size=batch_size, dtype=dtype)[0]
 
 
@@ -219,7 +217,6 @@ def all_pair_distances(params, pairs: list[tuple[Path, Path]], start: int, *, re
     groups.setdefault(x.shape, []).append(i)
   d: dict[tuple[int, int], float] = {}
   for members in groups.values():
-    check_images(*(images[members[0]][None],) * 2, check_params(params).net)
     matrix = pairwise(params, np.stack([images[i] for i in members]), batch_size=batch_size, dtype=dtype)
     where = {i: k for k, i in enumerate(members)}
     d.update({(i, j): float(matrix[where[i], where[j]]) for i, j in todo if i in where and j in where})
@@ -400,8 +397,10 @@ def heat_map(params, a_path: Path, b_path: Path, out: Path, *, resize: bool, vma
   b = read_image(b_path, (a.shape[1], a.shape[0]) if resize else None)
   if a.shape != b.shape:
     raise _size_error(a_path, a, b_path, b)
-  d = np.asarray(distance(params, a[None], b[None], spatial=True))[0]
-  total = float(distance(params, a[None], b[None])[0])
+  check_images(a[None], b[None], check_params(params).net)
+  f0, f1 = features(params, a[None]), features(params, b[None])  # one trunk pass each, for the map and the total
+  d = np.asarray(distance_from_features(params, f0, f1, spatial_size=a.shape[:2]))[0]
+  total = float(distance_from_features(params, f0, f1)[0])
   figure = heat_figure(a, b, d, total=total, vmax=vmax, names=(a_path.name, b_path.name))
   figure.savefig(out, dpi=100)
   return d

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lpips_jax.lpips import check_images, distance_from_features, features, variant
+from lpips_jax.scoring import local_mesh, padded_batch_size
 
 # Entries with d < RECOMPUTE * (S_i + S_j) are recomputed in the difference form (S: an image's self term, its
 # distance to an all-zero feature). Measured over all nets, versions and the baseline, the product form's absolute
@@ -83,16 +84,15 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
                      f"{y.shape[1]}x{y.shape[2]} (resize one set first)")
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-  mesh = mesh or jax.make_mesh((jax.local_device_count(),), ("data",), (jax.sharding.AxisType.Auto,),
-                               devices=jax.local_devices())
+  mesh = mesh or local_mesh()
   if mesh.axis_names != ("data",) or not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
     raise ValueError(f"mesh must be 1-D with axis 'data' over this process's devices; got axes {mesh.axis_names}")
   n, m = len(x), len(y)
   out = np.zeros((n, m), np.float32)
   if not n or not m:
     return out
-  rows = -(-min(batch_size, n) // mesh.size) * mesh.size
-  cols = rows if symmetric else -(-min(batch_size, m) // mesh.size) * mesh.size
+  rows = padded_batch_size(min(batch_size, n), mesh)
+  cols = rows if symmetric else padded_batch_size(min(batch_size, m), mesh)
   run = _functions(mesh, normalize, dtype, precision)
   params = jax.device_put(params, run.replicated)
   fill = 0.5 if normalize else 0.0  # padding images: valid inputs, their rows and columns are dropped

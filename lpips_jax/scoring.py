@@ -112,6 +112,13 @@ def global_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """A 1-D "data" mesh of this process's devices (Auto axis, as `global_mesh`): the training step's and
+  `pairwise`'s."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.local_devices())
+
+
 @functools.cache
 def _jitted(fn: Callable, mesh: jax.sharding.Mesh, arity: int, options: tuple):
   data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())

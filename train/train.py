@@ -24,6 +24,7 @@ import optax
 from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lpips_jax.scoring import local_mesh as local_mesh  # the step's mesh (bench/train_step.py imports it here)
 from lpips_jax.scoring import padded_batch_size
 from lpips_jax.weights import save
 from lpips_jax.train.config import DTYPES, Config
@@ -110,12 +111,6 @@ def freeze(params, mode: str):
   """`params` with gradients stopped at the frozen leaves, so only the trainable subtree is differentiated."""
   labels = trainable_labels(params, mode)
   return jax.tree.map(lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params, labels)
-
-
-def local_mesh() -> jax.sharding.Mesh:
-  """A 1-D "data" mesh of all local devices. Its axis is Auto (XLA propagates shardings): under `make_mesh`'s
-  default, Explicit, the gradients' batch contractions need the state already placed on the mesh, or tracing fails."""
-  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array | None, *, tx: optax.GradientTransformation,
