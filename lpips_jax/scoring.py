@@ -67,7 +67,8 @@ def pair_distances(params, a, b, *, variant, normalize=False, dtype=None, precis
 
 
 def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *, batch_size: int,
-                mesh: jax.sharding.Mesh | None = None, **options) -> Iterator[tuple[np.ndarray, ...]]:
+                batch_pixels: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                **options) -> Iterator[tuple[np.ndarray, ...]]:
   """`fn(params, *arrays, **options)` over `batches`, each batch's outputs yielded in order as numpy arrays.
 
   Args:
@@ -77,6 +78,10 @@ def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]],
       their other dimensions (each shape compiles once).
     batch_size: every batch is padded to this, rounded up to a multiple of the local device count, with zeros
       (valid images whichever the value range); padded rows are dropped from the outputs.
+    batch_pixels: with it, a batch of large images is padded to fewer rows: `batch_rows(batch_size, pixels of a
+      row, batch_pixels, mesh)`, where a row's pixels are those of all its arrays (2 H W for a pair of images), so
+      that a batch's memory is bounded by its pixels, not only by its row count. Producers split with the same
+      function.
     mesh: a 1-D mesh with axis "data" (default: every device of every process).
 
   Yields:
@@ -84,7 +89,7 @@ def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]],
     batch i + 1 has been dispatched, so the devices never wait for the host's copy.
   """
   mesh = mesh or global_mesh()
-  size = padded_batch_size(batch_size, mesh)
+  size = lambda shapes: batch_rows(batch_size, row_pixels(shapes), batch_pixels, mesh)
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   pending = None
@@ -104,6 +109,19 @@ def padded_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}")
   local = mesh.local_mesh.size
   return -(-batch_size // local) * local
+
+
+def batch_rows(batch_size: int, pixels: int, batch_pixels: int | None, mesh: jax.sharding.Mesh) -> int:
+  """The rows of a padded batch whose rows hold `pixels` pixels each: `batch_size`, or with `batch_pixels` as many
+  as fit in that many pixels (at least one), rounded up by `padded_batch_size`."""
+  rows = batch_size if batch_pixels is None else max(1, min(batch_size, batch_pixels // max(pixels, 1)))
+  return padded_batch_size(rows, mesh)
+
+
+def row_pixels(shapes: Iterable[tuple[int, ...]]) -> int:
+  """The pixels of one row of a batch of arrays with these per-row shapes (..., C): the product of all axes but
+  the last (the channels), summed over the arrays; 1 for an array without such axes."""
+  return sum(int(np.prod(shape[:-1])) for shape in shapes)
 
 
 def global_mesh() -> jax.sharding.Mesh:
@@ -126,9 +144,10 @@ def _jitted(fn: Callable, mesh: jax.sharding.Mesh, arity: int, options: tuple):
                  out_shardings=data)
 
 
-def _padded(batches: Iterable, size: int) -> Iterator[tuple[list[np.ndarray], int]]:
-  """Each batch padded to `size` rows, with its real row count. With several processes, every process takes part
-  in every step: a process that has run out sends all-padding batches, shaped as the others', until all have."""
+def _padded(batches: Iterable, size: Callable) -> Iterator[tuple[list[np.ndarray], int]]:
+  """Each batch padded to `size(per-row shapes)` rows, with its real row count. With several processes, every
+  process takes part in every step: a process that has run out sends all-padding batches, shaped as the
+  others', until all have."""
   multi = jax.process_count() > 1
   iterator, shapes = iter(batches), None
   while True:
@@ -136,10 +155,10 @@ def _padded(batches: Iterable, size: int) -> Iterator[tuple[list[np.ndarray], in
     if batch is not None:
       batch = [np.asarray(x) for x in batch]
       n = len(batch[0])
-      if any(len(x) != n for x in batch) or n > size:
-        raise ValueError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
-                         f"count, at most the batch size {size}")
       shapes = [x.shape[1:] for x in batch]
+      if any(len(x) != n for x in batch) or n > size(shapes):
+        raise ValueError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
+                         f"count, at most the batch size {size(shapes)}")
     if multi:
       if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
         return
@@ -153,7 +172,8 @@ def _padded(batches: Iterable, size: int) -> Iterator[tuple[list[np.ndarray], in
       if shapes is None:
         raise ValueError("this process passed no batches while others did; pass the arity with one empty batch")
       batch, n = [np.zeros((0, *s), np.float32) for s in shapes], 0
-    yield [np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if n < size else x for x in batch], n
+    rows = size(shapes)
+    yield [np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)]) if n < rows else x for x in batch], n
 
 
 def _fetch(out, n: int) -> tuple[np.ndarray, ...]:
