@@ -18,6 +18,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from lpips_jax.backbones import net_name
+from lpips_jax.files import atomic_write
 from lpips_jax.lpips import check_params, scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
@@ -56,10 +57,11 @@ def save(path: str | os.PathLike, params, *, metadata: dict[str, str] | None = N
   """Write a params pytree (or part of one) as a safetensors file; returns its sha256.
 
   The bytes depend only on the arrays and metadata, so converting the same source twice gives the same checksum.
+  The file is replaced atomically (`lpips_jax.files.atomic_write`): a concurrent `load` reads the old file or the
+  new one, and a writer killed mid-write leaves the old one.
   """
   data = safetensors.numpy.save(flatten(params), metadata=metadata)
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Path(path).write_bytes(data)
+  atomic_write(path, data)
   return hashlib.sha256(data).hexdigest()
 
 
