@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -55,10 +54,10 @@ def read_image(path: str | os.PathLike, size: Size | None = None, *,
   """
   path = Path(path)
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      with Image.open(path) as image:
-        return _pixels(path, image, size, note)
+    # Pillow warns above its limit and raises above twice it; the commands make its warning an error (a process-wide
+    # filter is theirs to set: `warnings.catch_warnings` is not thread-safe, and images are decoded by threads).
+    with Image.open(path) as image:
+      return _pixels(path, image, size, note)
   except ImageFileError:
     raise
   except FileNotFoundError:
