@@ -9,7 +9,7 @@ names the file.
 
 Writing: `atomic_write` writes into a temporary file in the target's directory, flushes it to disk and renames it
 over the target, so a reader sees the old file or the new one, never a torn one, and a writer killed mid-write
-leaves the previous file.
+leaves the previous file (and its temporary `.NAME.*.partial` beside it, which is safe to delete).
 """
 from __future__ import annotations
 
