@@ -9,15 +9,22 @@ Which net, version and mode a call computes is read off this structure once per 
 jitted function serves them all. Every distance goes through one pipeline (docs/official.md §1.2): trunk taps ->
 unit normalisation -> per-layer weighted squared difference -> spatial mean or upsampling -> sum over layers
 (`_compare`).
+
+Every public entry point checks its inputs at one boundary before computing (`check_params`, `check_images`,
+`check_features`): structure, shapes and dtypes always; values (range, NaN, inf) only for concrete arrays, since
+under `jax.jit`, `grad` or `vmap` they are unknown. Each error is one line naming the argument, the problem and the
+fix.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.typing import ArrayLike
 
 from lpips_jax.backbones import NETS
@@ -56,8 +63,11 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
     >>> lpips_jax.distance(params, a, b).shape
     (2,)
 
-  Works under `jax.jit`, `jax.grad` (all derivatives are finite), `jax.vmap` and sharded inputs; concrete inputs
-  outside the value range raise, traced ones are not checked.
+  Works under `jax.jit`, `jax.grad` (all derivatives are finite), `jax.vmap` and sharded inputs. Bad params or
+  images raise a ValueError naming the problem and the fix (`check_params`, `check_images`); an empty batch
+  (N = 0) gives an empty result. Concrete arrays are also checked for values outside the range and for NaN or
+  inf; traced ones (under jit, grad, vmap) cannot be: a NaN pixel or weight there gives a NaN distance (and NaN
+  gradients) for its pair without an error.
   """
   v = check_params(params)
   check_images(a, b, v.net, normalize=normalize)
@@ -73,8 +83,11 @@ def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, preci
   `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
   is TF32 or a bf16 pass). `remat` recomputes each trunk slice in the backward pass instead of storing its inner
   activations. Float64 inputs (with `jax_enable_x64`) and float64 params are computed in float64 throughout.
+  `x` is checked as an input of `distance` (layout, size, dtype; values when concrete: under jit a NaN pixel
+  gives NaN features).
   """
   v = check_params(params)
+  check_batch(x, v.net, name="x", normalize=normalize)
   return tuple(map(normalize_channels, _taps(v, params, x, normalize, dtype, precision, remat)))
 
 
@@ -82,10 +95,17 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
                            dropout_rng: jax.Array | None = None):
   """The distance between two tuples of `features` (e.g. of a fixed target computed once), as `distance`.
 
-  `spatial_size` (H, W) returns the spatial map [N, H, W] instead of the mean [N]. `dropout_rng` applies the
-  training-time Dropout(p=0.5) of the official heads to the squared differences (for training the metric only).
+  `f0`, `f1`: tuples of one tap per layer of the params' net, as `features(params, ...)` returns, each float
+  [N, h_l, w_l, C_l], with equal shapes in `f0` and `f1` (`check_features`; concrete taps must be finite, traced
+  NaN taps give NaN distances). `spatial_size` (H, W) returns the spatial map [N, H, W] instead of the mean [N].
+  `dropout_rng` applies the training-time Dropout(p=0.5) of the official heads to the squared differences (for
+  training the metric only).
   """
   v = check_params(params)
+  check_features(f0, f1, v.net)
+  if spatial_size is not None and not (isinstance(spatial_size, (tuple, list)) and len(spatial_size) == 2 and
+                                       all(_is_positive_int(n) for n in spatial_size)):
+    raise ValueError(f"spatial_size must be (H, W), two positive integers (the images' size); got {spatial_size!r}")
   return _compare(v, params, f0, f1, normalized=True, spatial_size=spatial_size, per_layer=per_layer,
                   dropout_rng=dropout_rng)
 
@@ -96,8 +116,17 @@ class Variant(NamedTuple):
   lpips: bool  # linear heads (False: the uncalibrated baseline, an unweighted channel sum)
 
 
+# -- the boundary: the checks every public entry point runs before computing ------------------------------------------
+
+# What to do about params whose arrays are not usable weights.
+PARAMS_FIX = "pass the float32 params of lpips_jax.load(net, version), or lpips_jax.load(path) for a weights file"
+
+
 def variant(params) -> Variant:
-  """Which net, version and mode `params` describes; raises if its top-level keys fit none."""
+  """Which net, version and mode `params` describes; raises if it is not a params dict or its keys fit none."""
+  problem = _not_params(params)
+  if problem:
+    raise ValueError(problem)
   keys = set(params)
   nets = sorted(keys & NETS.keys())
   if len(nets) != 1:
@@ -114,19 +143,92 @@ def variant(params) -> Variant:
 
 
 def check_params(params) -> Variant:
-  """The variant of `params`, after checking that every array has the shape the network needs."""
+  """The variant of `params`, after checking its structure, every array's shape, that every array is real floating
+  point, and, for concrete arrays, that every value is finite. Traced params (under jit or grad) are checked for
+  structure, shape and dtype only: a NaN weight there gives NaN distances."""
   v = variant(params)
   version = next(name for name, scaled in VERSIONS.items() if scaled == v.scaled)
   expected = param_shapes(v.net, version, v.lpips)
   got = jax.tree_util.tree_flatten_with_path(params)[0]
   want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda s: isinstance(s, tuple))[0])
-  names = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
-  problems = [f"{names(p)}: missing" for p in want if p not in dict(got)]
-  problems += [f"{names(p)}: unexpected" if p not in want else f"{names(p)}: shape {jnp.shape(x)}, expected "
+  problems = [f"{_key(p)}: missing" for p in want if p not in dict(got)]
+  problems += [f"{_key(p)}: unexpected" if p not in want else f"{_key(p)}: shape {jnp.shape(x)}, expected "
                f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
   if problems:
     raise ValueError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
+  check_arrays(params, prefix="params ", fix=PARAMS_FIX)
   return v
+
+
+def check_arrays(tree, *, prefix: str, fix: str) -> None:
+  """Raise a ValueError naming the key (after `prefix`) and ending in `fix` unless every array of `tree` is real
+  floating point (not integer, bool or complex: those give wrong or complex distances) and, where concrete,
+  finite. The one check of weights, for params and for weight files alike."""
+  leaves = [(_key(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  for key, x in leaves:
+    dtype = _dtype(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{prefix}{key} has dtype {dtype}; LPIPS weights are real floating-point arrays: {fix}")
+  concrete = [(key, x) for key, x in leaves if not isinstance(x, jax.core.Tracer) and np.size(x)]
+  for (key, x), (low, high) in zip(concrete, _extrema([x for _, x in concrete])):
+    if not (np.isfinite(low) and np.isfinite(high)):
+      raise ValueError(f"{prefix}{key} has {_nonfinite(x)}: the weights are damaged (a diverged training run or "
+                       f"a bad conversion); {fix}")
+
+
+def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, str] = ("a", "b")) -> None:
+  """Raise a ValueError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`: each
+  `check_batch`, and of the same shape. `names` are the arguments' names in the messages."""
+  for name, x in zip(names, (a, b)):
+    _check_layout(name, x, net)
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(f"{names[0]} and {names[1]} must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} "
+                     f"(resize one first)")
+  for name, x in zip(names, (a, b)):
+    _check_values(name, x, normalize)
+
+
+def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> None:
+  """Raise a ValueError naming `name`, the problem and the fix unless `x` is a batch of LPIPS inputs for `net`:
+  NHWC [N, H, W, 3] (N may be 0), H and W at least the net's minimum, floating point, and, if concrete, finite and
+  in [-1, 1] ([0, 1] with `normalize`). Traced values (under jit, grad, vmap) are unknown and not checked."""
+  _check_layout(name, x, net)
+  _check_values(name, x, normalize)
+
+
+def check_features(f0, f1, net: str) -> None:
+  """Raise a ValueError naming the tap and the fix unless `f0`, `f1` are `features` of params of `net`: one tap
+  per layer, each floating point, [N, h_l, w_l, C_l] with the net's channels C_l, the same N in every tap, equal
+  shapes in `f0` and `f1`, and, if concrete, finite."""
+  channels = NETS[net].channels
+  for name, f in (("f0", f0), ("f1", f1)):
+    if not isinstance(f, (tuple, list)):
+      raise ValueError(f"{name} is of type {type(f).__name__}; expected the tuple of taps that "
+                       f"lpips_jax.features(params, x) returns")
+    got = [tuple(jnp.shape(t)) for t in f]
+    if len(got) != len(channels) or any(len(s) != 4 or s[-1] != c for s, c in zip(got, channels)):
+      other = [n for n, spec in NETS.items() if n != net and [s[-1:] for s in got] == [(c,) for c in spec.channels]]
+      hint = f" (these are features of net {other[0]!r})" if other else ""
+      raise ValueError(f"{name} has taps of shapes {got}; params of net {net!r} need {len(channels)} taps "
+                       f"[N, h, w, C] with C = {list(channels)}{hint}: compute them with lpips_jax.features and "
+                       f"the same params")
+    for k, t in enumerate(f):
+      if not jnp.issubdtype(_dtype(t), jnp.floating):
+        raise ValueError(f"{name}[{k}] has dtype {_dtype(t)}; features are floating point, as "
+                         f"lpips_jax.features returns them")
+    if len({jnp.shape(t)[0] for t in f}) > 1:
+      raise ValueError(f"{name}'s taps hold different batch sizes {[jnp.shape(t)[0] for t in f]}; pass the tuple "
+                       f"of one lpips_jax.features call")
+  for k, (t0, t1) in enumerate(zip(f0, f1)):
+    if jnp.shape(t0) != jnp.shape(t1):
+      raise ValueError(f"f0[{k}] and f1[{k}] have shapes {jnp.shape(t0)} and {jnp.shape(t1)}; features of images "
+                       f"of the same shape are needed")
+  concrete = [(f"{name}[{k}]", t) for name, f in (("f0", f0), ("f1", f1)) for k, t in enumerate(f)
+              if not isinstance(t, jax.core.Tracer) and np.size(t)]
+  for (name, t), (low, high) in zip(concrete, _extrema([t for _, t in concrete])):
+    if not (np.isfinite(low) and np.isfinite(high)):
+      raise ValueError(f"{name} has {_nonfinite(t)}: features of finite images are finite; check the images or "
+                       f"params they came from")
 
 
 @functools.cache
@@ -149,41 +251,129 @@ def scaling(version: str) -> dict:
   return {"scaling": {"shift": SHIFT.copy(), "scale": SCALE.copy()}} if VERSIONS[version] else {}
 
 
-def check_images(a, b, net: str, *, normalize: bool = False) -> None:
-  """Raise a ValueError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`."""
-  for name, x in (("a", a), ("b", b)):
-    shape, dtype = jnp.shape(x), jnp.result_type(x)
-    if len(shape) != 4:
-      hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
-      raise ValueError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
-    if shape[-1] != 3:
-      if shape[1] == 3:
-        raise ValueError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
-                         f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
-      hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
-      raise ValueError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]"
-                       f"{hint}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
-                       f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
-  if jnp.shape(a) != jnp.shape(b):
-    raise ValueError(f"a and b must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} (resize one first)")
-  h, w = jnp.shape(a)[1:3]
+def check_positive_int(value, name: str) -> int:
+  """`value` as an int, or a ValueError naming `name` unless it is a positive integer (not a bool or a float)."""
+  if not _is_positive_int(value):
+    raise ValueError(f"{name} must be a positive integer; got {value!r}")
+  return int(value)
+
+
+def _is_positive_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
+def _not_params(params) -> str | None:
+  """Why `params` is not a params dict, with what to pass instead, when it is something else: None, not a dict, an
+  NNX state or NNX variables, or linen variables holding the LPIPS weights further down."""
+  if params is None:
+    return f"params is None; {PARAMS_FIX}"
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if isinstance(params, nnx.State):
+    inner = _path_to_params(nnx.to_pure_dict(params))
+    return (f"params is an nnx.State (e.g. nnx.state(model)), whose leaves are NNX variables; pass plain arrays: "
+            f"nnx.to_pure_dict(state){inner}" if inner is not None else
+            f"params is an nnx.State holding no LPIPS weights; {PARAMS_FIX}")
+  if not isinstance(params, Mapping):
+    return f"params is a {type(params).__name__}, not a dict of arrays; {PARAMS_FIX}"
+  if any(map(is_variable, jax.tree.leaves(params, is_leaf=is_variable))):
+    return ("params hold NNX variables, not arrays; pass plain arrays: nnx.to_pure_dict(nnx.State(params)), or "
+            "call the NNXLPIPS module itself")
+  if not set(params) & NETS.keys():
+    inner = _path_to_params(params)
+    if inner:
+      return (f"params look like a linen variables dict (top-level keys {sorted(map(str, params))}); pass the "
+              f"LPIPS weights inside it: variables{inner}")
+  return None
+
+
+def _path_to_params(tree, depth: int = 5) -> str | None:
+  """The subscripts (e.g. "['lpips']['LPIPS_0']['weights']") of the first dict under `tree` holding a trunk."""
+  if not isinstance(tree, Mapping) or depth < 0:
+    return None
+  if set(tree) & NETS.keys():
+    return ""
+  for key, value in tree.items():
+    inner = _path_to_params(value, depth - 1)
+    if inner is not None:
+      return f"[{key!r}]{inner}"
+  return None
+
+
+def _check_layout(name: str, x, net: str) -> None:
+  """What `check_batch` checks without looking at values: rank, layout, channels, dtype, size."""
+  shape, dtype = jnp.shape(x), _dtype(x)
+  if len(shape) != 4:
+    hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
+    raise ValueError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
+  if shape[-1] != 3:
+    if shape[1] == 3:
+      raise ValueError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
+                       f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
+    hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
+    raise ValueError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]{hint}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
+                     f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
+  h, w = shape[1:3]
   least = NETS[net].min_size
   if h < least or w < least:
-    raise ValueError(f"images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
+    raise ValueError(f"{name}: images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
                      f"(LPIPS was trained on 64x64 patches; upsample small images)")
+
+
+def _check_values(name: str, x, normalize: bool) -> None:
+  """Concrete images only: finite, and within the value range (with 1e-3 of slack for rounding)."""
+  if isinstance(x, jax.core.Tracer) or not np.size(x):
+    return  # values are unknown under jit/grad/vmap
+  (x_min, x_max), = _extrema([x])
+  if not (np.isfinite(x_min) and np.isfinite(x_max)):
+    raise ValueError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
+                     f"replace them (jnp.nan_to_num)")
   lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
-  for name, x in (("a", a), ("b", b)):
-    if isinstance(x, jax.core.Tracer) or not np.size(x):
-      continue  # values are unknown under jit/grad/vmap; only concrete inputs are range-checked
-    values = np.asarray(x)  # concrete: check on the host, also when called while tracing something else
-    x_min, x_max = float(values.min()), float(values.max())
-    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
-      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
-             else "pass [-1, 1] images without normalize=True, or clip")
-      raise ValueError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
-                       f"{fix}")
+  if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+    fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+           else "pass [-1, 1] images without normalize=True, or clip")
+    raise ValueError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                     f"{fix}")
+
+
+def _extrema(arrays: list) -> list[tuple[float, float]]:
+  """(min, max) of each concrete, non-empty array, NaN where it holds a NaN. Numpy arrays are reduced on the host,
+  jax arrays where they live, all in one jitted call (no copy to the host), also while something else is traced."""
+  out = [(0.0, 0.0)] * len(arrays)
+  on_device = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
+  for i, x in enumerate(arrays):
+    if i not in on_device:
+      x = np.asarray(x)
+      out[i] = (float(x.min()), float(x.max()))
+  if on_device:
+    with jax.ensure_compile_time_eval():
+      found = jax.device_get(_device_extrema([arrays[i] for i in on_device]))
+    for i, (low, high) in zip(on_device, found):
+      out[i] = (float(low), float(high))
+  return out
+
+
+@jax.jit
+def _device_extrema(arrays: list) -> list:
+  return [(jnp.min(x), jnp.max(x)) for x in arrays]
+
+
+def _nonfinite(x) -> str:
+  """'3 NaN values (of 12288)', '1 infinite value (of 9)' or both, for a concrete array that has some."""
+  values = np.asarray(x)
+  counts = [(int(np.isnan(values).sum()), "NaN"), (int(np.isinf(values).sum()), "infinite")]
+  words = " and ".join(f"{n} {kind}" for n, kind in counts if n)
+  return f"{words} value{'s' if sum(n for n, _ in counts) > 1 else ''} (of {values.size})"
+
+
+def _dtype(x) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _key(path) -> str:
+  """'alex/features_0/kernel' for a pytree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from lpips_jax.lpips import distance
+from lpips_jax.lpips import _distance, check_images, check_params
 
 
 @flax.struct.dataclass
@@ -72,8 +73,15 @@ class LPIPS:
       mask: [N] bool or 0/1; pairs where it is False/0 (padding) are left out exactly. None counts every pair.
       normalize, dtype, precision: as in `lpips_jax.distance`.
       **_: other model outputs, ignored: a `clu.metrics.Collection` passes every output to every metric.
+
+    The params and images are checked as by `lpips_jax.distance`; values only where concrete, and only in the pairs
+    the mask counts (padding may hold anything). Inside a jitted step values are unknown: a NaN pixel gives a NaN
+    distance, which reaches the mean unless its pair is masked out.
     """
-    d = distance(params, predictions, targets, normalize=normalize, dtype=dtype, precision=precision)
+    v = check_params(params)
+    check_images(*_counted(mask, predictions, targets), v.net, normalize=normalize, names=("predictions", "targets"))
+    d = _distance(params, predictions, targets, variant=v, spatial=False, per_layer=False, normalize=normalize,
+                  dtype=dtype, precision=precision)
     return cls.from_distances(d, mask)
 
   def merge(self, other: LPIPS) -> LPIPS:
@@ -99,6 +107,16 @@ class LPIPS:
     variance = jnp.maximum(self.sum_of_squares / self.count - mean * mean, 0.0)
     dof = self.count - ddof
     return jnp.where(dof > 0, jnp.sqrt(variance * self.count / jnp.where(dof > 0, dof, 1.0)), jnp.nan)
+
+
+def _counted(mask, a, b) -> tuple:
+  """The pairs of `a`, `b` that a concrete `mask` counts, for the value checks; `a`, `b` unchanged otherwise."""
+  if mask is None or any(isinstance(x, jax.core.Tracer) for x in (mask, a, b)):
+    return a, b
+  keep = np.asarray(mask) != 0
+  if keep.ndim != 1 or np.shape(a) != np.shape(b) or np.ndim(a) < 1 or len(a) != len(keep):
+    return a, b  # the shape checks report it
+  return tuple(x[keep] if isinstance(x, jax.Array) else np.asarray(x)[keep] for x in (a, b))
 
 
 class NNXLPIPSMetric(nnx.metrics.Metric):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.lpips import check_images, distance_from_features, features, variant
+from lpips_jax.lpips import (check_batch, check_params, check_positive_int, distance_from_features, features,
+                             variant)
 from lpips_jax.scoring import local_mesh, padded_batch_size
 
 # Entries with d < RECOMPUTE * (S_i + S_j) are recomputed in the difference form (S: an image's self term, its
@@ -75,15 +76,58 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
     >>> bool((d == d.T).all()), float(d[0, 0])
     (True, 0.0)
   """
-  net = variant(params).net
+  net = check_params(params).net
   x = _checked(x, "x", net, normalize)
+  y = None if y is None else _checked(y, "y", net, normalize)
+  return _matrix(params, x, y, normalize=normalize, batch_size=batch_size, dtype=dtype, precision=precision,
+                 mesh=mesh, cache_bytes=cache_bytes)
+
+
+def diversity(params, samples, **options) -> np.ndarray:
+  """LPIPS diversity of groups of samples (BicycleGAN, MUNIT): the mean distance over each group's distinct pairs.
+
+  Args:
+    params: from `lpips_jax.load`.
+    samples: [G, K, H, W, 3], K >= 2 samples for each of G inputs, in [-1, 1] (or [0, 1] with `normalize=True`).
+    **options: passed to `pairwise` (normalize, batch_size, dtype, precision, mesh, cache_bytes).
+
+  Returns:
+    float32 numpy [G] ([0] for G = 0): for each group, the mean of `distance` over its K (K - 1) / 2 pairs. One
+    `pairwise` matrix per group, so each sample's features are computed once; the params and samples are checked
+    once.
+
+  Example:
+    >>> params = lpips_jax.load("alex")
+    >>> samples = np.random.default_rng(0).uniform(-1, 1, (4, 10, 64, 64, 3)).astype(np.float32)
+    >>> diversity(params, samples).shape          # 4 inputs, 10 samples each -> 45 pairs averaged per input
+    (4,)
+  """
+  unknown = set(options) - {"normalize", "batch_size", "dtype", "precision", "mesh", "cache_bytes"}
+  if unknown:
+    raise TypeError(f"diversity() got unexpected options {sorted(unknown)}; it passes normalize, batch_size, "
+                    f"dtype, precision, mesh and cache_bytes to pairwise")
+  net = check_params(params).net
+  samples = np.asarray(samples)
+  if samples.ndim != 5 or samples.shape[1] < 2:
+    raise ValueError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"
+                     f"{' (one group? add an axis: samples[None])' if samples.ndim == 4 else ''}")
+  _checked(samples.reshape(-1, *samples.shape[2:]), "samples", net, options.get("normalize", False))
+  upper = np.triu_indices(samples.shape[1], 1)
+  return np.array([_matrix(params, group, None, **options)[upper].mean(dtype=np.float64) for group in samples],
+                  np.float32).reshape(len(samples))
+
+
+def _matrix(params, x: np.ndarray, y: np.ndarray | None, *, normalize: bool = False, batch_size: int = 256,
+            dtype=None, precision=None, mesh: jax.sharding.Mesh | None = None, cache_bytes: int = 2**31) -> np.ndarray:
+  """`pairwise` on checked params and images."""
   symmetric = y is None
-  y = x if symmetric else _checked(y, "y", net, normalize)
+  y = x if symmetric else y
   if x.shape[1:3] != y.shape[1:3]:
     raise ValueError(f"x and y must hold images of the same size; got {x.shape[1]}x{x.shape[2]} and "
                      f"{y.shape[1]}x{y.shape[2]} (resize one set first)")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+  batch_size = check_positive_int(batch_size, "batch_size")
+  if not isinstance(cache_bytes, (int, np.integer)) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+    raise ValueError(f"cache_bytes must be a non-negative integer (bytes of host memory); got {cache_bytes!r}")
   mesh = mesh or local_mesh()
   if mesh.axis_names != ("data",) or not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
     raise ValueError(f"mesh must be 1-D with axis 'data' over this process's devices; got axes {mesh.axis_names}")
@@ -132,44 +176,10 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
   return out
 
 
-def diversity(params, samples, **options) -> np.ndarray:
-  """LPIPS diversity of groups of samples (BicycleGAN, MUNIT): the mean distance over each group's distinct pairs.
-
-  Args:
-    params: from `lpips_jax.load`.
-    samples: [G, K, H, W, 3], K >= 2 samples for each of G inputs, in [-1, 1] (or [0, 1] with `normalize=True`).
-    **options: passed to `pairwise` (normalize, batch_size, dtype, precision, mesh, cache_bytes).
-
-  Returns:
-    float32 numpy [G]: for each group, the mean of `distance` over its K (K - 1) / 2 pairs. One `pairwise` call per
-    group, so each sample's features are computed once.
-
-  Example:
-    >>> params = lpips_jax.load("alex")
-    >>> samples = np.random.default_rng(0).uniform(-1, 1, (4, 10, 64, 64, 3)).astype(np.float32)
-    >>> diversity(params, samples).shape          # 4 inputs, 10 samples each -> 45 pairs averaged per input
-    (4,)
-  """
-  samples = np.asarray(samples)
-  if samples.ndim != 5 or samples.shape[1] < 2:
-    raise ValueError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"
-                     f"{' (one group? add an axis: samples[None])' if samples.ndim == 4 else ''}")
-  _checked(samples.reshape(-1, *samples.shape[2:]), "samples", variant(params).net,
-           options.get("normalize", False))
-  upper = np.triu_indices(samples.shape[1], 1)
-  return np.array([pairwise(params, group, **options)[upper].mean(dtype=np.float64) for group in samples],
-                  np.float32).reshape(len(samples))
-
-
 def _checked(x, name: str, net: str, normalize: bool) -> np.ndarray:
-  """`x` as a numpy array, after `check_images` (with its messages naming `name`); an empty batch is allowed."""
+  """`x` as a numpy array, after `check_batch` (its messages naming `name`); an empty batch is allowed."""
   x = np.asarray(x)
-  probe = np.zeros((1, *x.shape[1:]), x.dtype) if x.ndim == 4 and not len(x) else x
-  try:
-    check_images(probe, probe, net, normalize=normalize)
-  except ValueError as e:
-    message = str(e)  # check_images names its first argument "a"
-    raise ValueError(f"{name}{message[1:]}" if message.startswith("a ") else f"{name}: {message}") from None
+  check_batch(x, net, name=name, normalize=normalize)
   return x
 
 

