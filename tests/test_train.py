@@ -4,6 +4,7 @@ loss scaling; the log's per-example averages; the config's checks and help texts
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,16 +250,97 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
   assert (config.lr, config.b1, config.b2, config.eps, config.batch_size) == (1e-4, 0.5, 0.999, 1e-8, 50)
   assert (config.epochs, config.epochs_decay, config.mode, config.nonneg) == (5, 5, "lin", "official")
   assert config.datasets == ("train/traditional", "train/cnn", "train/mix")
-  with pytest.raises(ValueError, match=r"unknown mode 'fine'; choose one of \['lin', 'tune', 'scratch'\]"):
+  with pytest.raises(ValueError, match=r"unknown --mode 'fine'; choose one of \['lin', 'tune', 'scratch'\]"):
     get_config(mode="fine")
   # Measured: float16 SqueezeNet overflows once the official projection has clamped its 1x1 trunk kernels.
-  with pytest.raises(ValueError, match="float16.*SqueezeNet.*use dtype 'bfloat16', or nonneg 'heads'"):
+  with pytest.raises(ValueError, match="float16.*SqueezeNet.*use --dtype bfloat16, or --nonneg heads"):
     get_config(net="squeeze", dtype="float16")
   assert get_config(net="squeeze", dtype="float16", nonneg="heads").dtype == "float16"
-  with pytest.raises(ValueError, match=r"unknown version '0.2'; choose one of \['0.0', '0.1'\]"):
+  with pytest.raises(ValueError, match=r"unknown --version '0.2'; choose one of \['0.0', '0.1'\]"):
     get_config(version="0.2")
-  with pytest.raises(ValueError, match=r"unknown net 'resnet'; choose one of \['alex', 'vgg', 'squeeze'\]"):
+  with pytest.raises(ValueError, match=r"unknown --net 'resnet'; choose one of \['alex', 'vgg', 'squeeze'\]"):
     get_config(net="resnet")
+
+
+BAD_SETTINGS = [  # (settings, the error): every numeric flag out of its range, and no training set
+    ({"lr": 0.0}, "--lr must be a positive number, got 0.0"),
+    ({"lr": -1e-4}, "--lr must be a positive number, got -0.0001"),
+    ({"lr": float("nan")}, "--lr must be a positive number, got nan"),
+    ({"lr": float("inf")}, "--lr must be a positive number, got inf"),
+    ({"eps": 0.0}, "--eps must be a positive number, got 0.0"),
+    ({"b1": 1.0}, "--b1 must be in [0, 1), got 1.0"),
+    ({"b2": -0.5}, "--b2 must be in [0, 1), got -0.5"),
+    ({"batch_size": 0}, "--batch_size must be at least 1, got 0"),
+    ({"batch_size": 2.5}, "--batch_size must be an integer, got 2.5"),
+    ({"eval_batch_size": -1}, "--eval_batch_size must be at least 1, got -1"),
+    ({"log_every": 0}, "--log_every must be at least 1, got 0"),
+    ({"checkpoint_every": 0}, "--checkpoint_every must be at least 1, got 0"),
+    ({"keep_checkpoints": 0}, "--keep_checkpoints must be at least 1, got 0"),
+    ({"workers": 0}, "--workers must be at least 1, got 0"),
+    ({"prefetch": 0}, "--prefetch must be at least 1, got 0"),
+    ({"epochs": -1}, "--epochs -1 --epochs_decay 5: each must be at least 0 and together at least 1"),
+    ({"epochs": 0, "epochs_decay": 0}, "--epochs 0 --epochs_decay 0: each must be at least 0 and together at least 1"),
+    ({"seed": -1}, "--seed must be in [0, 2**32), got -1"),
+    ({"seed": 2 ** 32}, "--seed must be in [0, 2**32), got 4294967296"),  # PRNGKey(2**32) is PRNGKey(0)
+    ({"datasets": ()}, "--datasets names no set; give at least one set under --dataroot to train on"),
+    ({"mode": "scratch", "heads_init": "pretrained"}, "--heads_init pretrained needs the pretrained trunk"),
+]
+
+
+@pytest.mark.parametrize("settings,error", BAD_SETTINGS, ids=[str(s) for s, _ in BAD_SETTINGS])
+def test_every_bad_setting_is_refused_naming_its_flag(settings, error):
+  with pytest.raises(ValueError) as caught:
+    get_config(**settings)
+  assert str(caught.value).startswith(error)
+
+
+def test_command_line_errors_are_one_line(capsys):
+  from lpips_jax.train.main import parse
+
+  for argv, error in ((["--lr", "0"], "--lr must be a positive number, got 0.0"),
+                      (["--datasets"], "--datasets names no set; give at least one set under --dataroot to train on"),
+                      (["--seed", "-3"], "--seed must be in [0, 2**32), got -3"),
+                      (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+                      (["--net", "resnet"], "argument --net: invalid choice: 'resnet'")):
+    with pytest.raises(SystemExit) as caught:
+      parse(["--workdir", "unused", *argv])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.startswith(f"lpips-jax train: error: {error}"), err
+    assert err.count("\n") == 1 and err.endswith(" (see --help)\n"), err
+
+
+def test_the_plot_and_the_log_are_replaced_atomically(tmp_path, monkeypatch):
+  import matplotlib.figure
+
+  from lpips_jax.train.train import _truncate_log, plot
+
+  log = tmp_path / "log.jsonl"
+  evals = [{"kind": "eval", "step": s, "val": val, "val_mean": 0.6} for s, val in
+           ((0, {"val/a": 0.5}), (6, {"val/a": 0.6}), (12, {"val/b": 0.7}))]  # a resumed run scores another set
+  trains = [{"kind": "train", "step": s, "loss": 1 / s} for s in range(1, 13)]
+  log.write_text("".join(json.dumps(r) + "\n" for r in sorted(evals + trains, key=lambda r: r["step"])))
+  plot(log, tmp_path / "training.png")
+  before = (tmp_path / "training.png").read_bytes()
+  assert before[:4] == b"\x89PNG"
+
+  def torn(figure, f, **options):  # a writer that dies half-way
+    f.write(b"\x89PNG half a picture")
+    raise OSError("disk full")
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+  with pytest.raises(OSError, match="disk full"):
+    plot(log, tmp_path / "training.png")
+  assert (tmp_path / "training.png").read_bytes() == before  # the previous plot, whole
+  monkeypatch.undo()
+
+  # Resuming at step 10 keeps the records up to it; a last line torn by a kill is dropped.
+  log.write_text(log.read_text() + '{"kind": "train", "st')
+  _truncate_log(log, 10)
+  kept = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [r["step"] for r in kept] == [0, *range(1, 7), 6, *range(7, 11)]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "training.png"]  # no temporary files left
+  log.write_text(log.read_text().replace('"step": 3,', '"step": 3'))  # damaged inside: a record is lost
+  with pytest.raises(ValueError, match=f"^{log}, line 4, is not a JSON record; repair or delete that line"):
+    _truncate_log(log, 10)
 
 
 def test_every_flag_says_what_it_sets_and_its_default(capsys):
@@ -384,3 +466,145 @@ def test_a_run_killed_mid_epoch_resumes_exactly(synthetic, tmp_path):
     assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()  # bitwise
   strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs]
   assert strip(records(tmp_path / "killed", "train")) == strip(records(tmp_path / "whole", "train"))
+
+
+# -- resume, one run per work directory, Ctrl-C ------------------------------------------------------------------------
+
+# 60 triplets in batches of 10: 6 steps per epoch, 12 in all; checkpoints at steps 5, 10 and 12.
+SMALL = ["--datasets", "small", "--val_datasets", "--batch_size", 10, "--epochs", 1, "--epochs_decay", 1, "--lr", 1e-2,
+         "--log_every", 1, "--checkpoint_every", 5, "--keep_checkpoints", 3]
+
+
+@pytest.fixture(scope="module")
+def finished(synthetic, tmp_path_factory):
+  """A finished run of SMALL (its work directory) and the arguments that made it, less --workdir."""
+  root = tmp_path_factory.mktemp("finished")
+  first_triplets(synthetic[0], root / "data", 60)
+  args = ["--dataroot", root / "data", *SMALL]
+  command([*args, "--workdir", root / "run"])
+  assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["10", "12", "5"]
+  return root / "run", args
+
+
+def copy_run(finished, to):
+  shutil.copytree(finished, to)
+  return to
+
+
+def strip(rs):
+  return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(finished, tmp_path):
+  run, args = finished
+  for damage in ("a truncated array file", "a garbled position file"):
+    work = copy_run(run, tmp_path / damage.replace(" ", "-"))
+    latest = work / "checkpoints" / "12"
+    if damage == "a truncated array file":
+      array = max((p for p in (latest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+      os.truncate(array, array.stat().st_size // 2)
+    else:
+      (latest / "position" / "metadata").write_text('{"examples": 60, "steps_per_ep')
+    out = command([*args, "--workdir", work, "--resume"])
+    assert out.startswith(f"lpips-jax train: note: checkpoint 12 in {work} is damaged ("), out
+    assert out.endswith(f"), moved to {work / 'damaged'}; resuming from checkpoint 10\n") and out.count("\n") == 1
+    assert (work / "damaged" / "12").is_dir()
+    for name in ("lpips.safetensors", "rank.safetensors"):  # as if nothing had happened
+      assert (work / name).read_bytes() == (run / name).read_bytes(), (damage, name)
+    assert strip(records(work, "train")) == strip(records(run, "train"))
+    assert records(work, "resume") == [{"kind": "resume", "step": 10, "changed": {}, "damaged": [12]}]
+
+  # No good checkpoint at all: one line naming the folder, and nothing touched.
+  work = copy_run(run, tmp_path / "all-damaged")
+  for step in (5, 10, 12):
+    (work / "checkpoints" / str(step) / "position" / "metadata").write_text("{")
+  log = (work / "log.jsonl").read_bytes()
+  process = command([*args, "--workdir", work, "--resume"], wait=False)
+  out, _ = process.communicate(timeout=600)
+  assert process.returncode == 1 and out.count("\n") == 1, out
+  assert out.startswith(f"lpips-jax train: error: no checkpoint in {work / 'checkpoints'} reads back whole (12: "
+                        f"JSONDecodeError: Expecting property name enclosed in double quotes"), out
+  assert out.endswith("): delete the folder to train from the start, or choose a new --workdir\n")
+  assert (work / "log.jsonl").read_bytes() == log and not (work / "damaged").exists()
+
+
+def test_resuming_with_other_settings_is_refused_naming_each_one(synthetic, finished, tmp_path):
+  from lpips_jax.train.main import main
+
+  run, args = finished
+  work = copy_run(run, tmp_path / "run")
+  base = [*map(str, args), "--workdir", str(work), "--resume", "--quiet"]
+  files = lambda: {p: p.read_bytes() for p in work.rglob("*") if p.is_file() and p.name != "lock"}
+  before = files()
+  refused = "lpips-jax train: error: cannot resume {} (checkpoint 12): it was trained with other settings: {}; " \
+            "resume with the run's settings, or train with the new ones in another --workdir"
+  for flags, named in ((["--lr", "0.001", "--dtype", "bfloat16"], "--lr 0.01 (now 0.001), --dtype float32 (now "
+                                                                    "bfloat16)"),
+                       (["--net", "squeeze", "--version", "0.0"], "--net alex (now squeeze), --version 0.1 (now 0.0)"),
+                       (["--mode", "tune"], "--mode lin (now tune)"),  # the issue's `--mode tune` traceback
+                       (["--batch_size", "20", "--seed", "1", "--no-dropout"],
+                        "--batch_size 10 (now 20), --dropout True (now False), --seed 0 (now 1)")):
+    with pytest.raises(SystemExit) as caught:
+      main([*base, *flags])
+    assert str(caught.value) == refused.format(work, named)
+
+  first_triplets(synthetic[0], tmp_path / "fewer", 50)  # the same set name under another --dataroot
+  with pytest.raises(SystemExit) as caught:
+    main([*base, "--dataroot", str(tmp_path / "fewer")])
+  assert str(caught.value) == (f"lpips-jax train: error: cannot resume {work}: its run trained on 60 examples, and "
+                               f"--datasets under --dataroot now hold 50; resume with the run's data, or train on the "
+                               f"new data in another --workdir")
+  with pytest.raises(SystemExit) as caught:
+    main([*base, "--epochs", "0"])
+  assert str(caught.value) == (f"lpips-jax train: error: cannot resume {work} at step 12: --epochs 0 --epochs_decay 1 "
+                               f"end the run at step 6; ask for at least the 2 epochs it has trained")
+  assert files() == before  # refused before anything was touched
+
+
+def test_resuming_with_more_epochs_continues_and_records_the_change(finished, tmp_path):
+  run, args = finished
+  work = copy_run(run, tmp_path / "run")
+  out = command([*args, "--workdir", work, "--resume", "--epochs", 2, "--log_every", 3])
+  assert out == (f"lpips-jax train: note: resuming {work} at step 12 with changed settings: --epochs 1 -> 2, "
+                 f"--log_every 1 -> 3 (recorded in log.jsonl)\n")
+  assert records(work, "resume") == [{"kind": "resume", "step": 12, "changed": {"epochs": [1, 2], "log_every": [1, 3]},
+                                      "damaged": []}]
+  train = records(work, "train")
+  assert strip(train[:12]) == strip(records(run, "train")) and [r["step"] for r in train[12:]] == [15, 18]
+  assert records(work, "config") == records(run, "config")  # the run's settings as it started
+  assert (work / "lpips.safetensors").read_bytes() != (run / "lpips.safetensors").read_bytes()
+
+
+def test_a_second_training_in_a_busy_workdir_exits_with_one_line_and_ctrl_c_ends_the_first(synthetic, tmp_path):
+  first_triplets(synthetic[0], tmp_path / "data", 20)
+  args = ["--dataroot", tmp_path / "data", *SMALL, "--epochs", 500, "--checkpoint_every", 2, "--workdir",
+          tmp_path / "run"]  # 2 steps per epoch, 1002 in all: still running when it is stopped
+  first = command(args, wait=False)
+  lock, deadline = tmp_path / "run" / "lock", time.time() + 300
+  while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
+    assert first.poll() is None, first.stdout.read()[-3000:]
+    time.sleep(0.01)
+
+  second = command(args, wait=False)
+  out, _ = second.communicate(timeout=300)
+  assert second.returncode == 1 and out == (f"lpips-jax train: error: {tmp_path / 'run'} is in use by another "
+                                            f"lpips-jax train (process {first.pid}): wait for it to end, or choose "
+                                            f"another --workdir\n")
+  assert first.poll() is None  # refused at once, not after the first run ended
+
+  checkpoints = tmp_path / "run" / "checkpoints"
+  while not (checkpoints / "2").is_dir() and time.time() < deadline:
+    time.sleep(0.01)
+  first.send_signal(signal.SIGINT)
+  out, _ = first.communicate(timeout=300)
+  saved = sorted(int(p.name) for p in checkpoints.iterdir())  # every folder a finished checkpoint: no temporary ones
+  assert first.returncode == 130 and out == (f"lpips-jax train: interrupted; {tmp_path / 'run'} holds the "
+                                             f"checkpoints up to step {saved[-1]} and their log: continue with "
+                                             f"--resume\n"), out
+  assert all((checkpoints / str(s) / "commit_success.txt").exists() for s in saved)
+  logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+  assert logged[-1]["step"] >= saved[-1]  # every line whole (each parsed), up to the checkpoint and beyond
+
+  epochs = saved[-1] // 2 + 1  # resumed (the lock is free again) and ended soon after the checkpoint
+  command([*args, "--resume", "--epochs", epochs])
+  assert records(tmp_path / "run", "train")[-1]["step"] == 2 * (epochs + 1)

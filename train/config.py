@@ -15,6 +15,9 @@ Each `Config` field's help text (`metadata["help"]`) is what `lpips-jax train --
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import typing
 
 import jax.numpy as jnp
 
@@ -76,25 +79,54 @@ class Config:
 # The valid values of each field that takes one of a few; the CLI offers them as choices.
 CHOICES = {"net": tuple(NETS), "version": tuple(VERSIONS), "mode": MODES, "dtype": tuple(DTYPES), "nonneg": NONNEG,
            "heads_init": HEADS_INIT}
+# The settings a resumed run may change (each change is recorded in its log): how long it runs, where the data lies,
+# what is scored, logged and kept, and how fast the host works. Every other setting makes the run what it is (the
+# model, the optimiser, the data and its order) and must be the checkpoint's.
+RESUMABLE = ("epochs", "epochs_decay", "dataroot", "val_datasets", "log_every", "checkpoint_every",
+             "keep_checkpoints", "eval_batch_size", "workers", "prefetch")
+SEEDS = 2 ** 32  # jax.random.PRNGKey(seed) keeps the low 32 bits: seed 2**32 would be seed 0 again
 
 
 def get_config(**overrides) -> Config:
-  """The reference configuration, with `overrides` (field=value) applied and checked."""
+  """The reference configuration, with `overrides` (field=value) applied and checked: each bad value is a
+  ValueError naming its flag (`--name`, the field's name) and the valid range."""
   config = dataclasses.replace(Config(), **overrides)
   for name, valid in CHOICES.items():
     if getattr(config, name) not in valid:
-      raise ValueError(f"unknown {name} {getattr(config, name)!r}; choose one of {list(valid)}")
-  for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "workers", "prefetch",
-               "keep_checkpoints"):
-    if getattr(config, name) < 1:
-      raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-  if config.epochs < 0 or config.epochs_decay < 0 or config.epochs + config.epochs_decay < 1:
-    raise ValueError(f"epochs={config.epochs}, epochs_decay={config.epochs_decay}: need at least one epoch")
+      raise ValueError(f"unknown --{name} {getattr(config, name)!r}; choose one of {list(valid)}")
+  _check_numbers(config)
+  if not config.datasets:
+    raise ValueError("--datasets names no set; give at least one set under --dataroot to train on "
+                     f"(default: {' '.join(Config.datasets)})")
   if config.mode == "scratch" and config.heads_init == "pretrained":
-    raise ValueError("heads_init='pretrained' needs the pretrained trunk; use mode 'lin' or 'tune'")
+    raise ValueError("--heads_init pretrained needs the pretrained trunk; use --mode lin or tune")
   if config.dtype == "float16" and config.net == "squeeze" and config.nonneg == "official":
     # Measured: once the projection zeroes the negative 1x1 trunk weights (first step), float16 activations
     # overflow and every later loss is NaN; float32 and bfloat16 have the range.
-    raise ValueError("dtype='float16' cannot hold SqueezeNet's activations after the official projection clamps its "
-                     "1x1 trunk convolutions to non-negative weights; use dtype 'bfloat16', or nonneg 'heads'")
+    raise ValueError("--dtype float16 cannot hold SqueezeNet's activations after the official projection clamps its "
+                     "1x1 trunk convolutions to non-negative weights; use --dtype bfloat16, or --nonneg heads")
   return config
+
+
+def _check_numbers(config: Config) -> None:
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    value, kind = getattr(config, field.name), {int: numbers.Integral, float: numbers.Real}.get(hints[field.name])
+    if kind and (isinstance(value, bool) or not isinstance(value, kind)):
+      raise ValueError(f"--{field.name} must be {'an integer' if kind is numbers.Integral else 'a number'}, "
+                       f"got {value!r}")
+  for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "workers", "prefetch",
+               "keep_checkpoints"):
+    if getattr(config, name) < 1:
+      raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
+  for name in ("lr", "eps"):
+    if not 0 < getattr(config, name) < math.inf:  # also refuses NaN
+      raise ValueError(f"--{name} must be a positive number, got {getattr(config, name)}")
+  for name in ("b1", "b2"):  # Adam divides by 1 - beta**t
+    if not 0 <= getattr(config, name) < 1:
+      raise ValueError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+  if not 0 <= config.seed < SEEDS:
+    raise ValueError(f"--seed must be in [0, 2**32), got {config.seed}")
+  if config.epochs < 0 or config.epochs_decay < 0 or config.epochs + config.epochs_decay < 1:
+    raise ValueError(f"--epochs {config.epochs} --epochs_decay {config.epochs_decay}: each must be at least 0 and "
+                     f"together at least 1 (epochs trained)")

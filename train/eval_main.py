@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from lpips_jax.backbones import NETS
+from lpips_jax.files import atomic_write
 from lpips_jax.lpips import VERSIONS
 from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND
+from lpips_jax.train.main import Parser, exit_interrupted
 
 SETS = {"2afc": VAL_2AFC, "jnd": VAL_JND}
 
 
 def parse(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="lpips-jax eval", description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = Parser(prog="lpips-jax eval", description=__doc__.splitlines()[0],
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, NETS))} (released weights) or the "
                       "path of a .safetensors params file (e.g. a training run's lpips.safetensors)")
   parser.add_argument("--version", default="0.1", choices=list(VERSIONS), help="for released weights")
@@ -43,8 +45,12 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--compare", metavar="WEIGHTS", help="also score these weights (as --weights) on the same "
                       "examples and print the difference with its paired-bootstrap interval and p-value")
   parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each interval")
-  parser.add_argument("--json", help="also write {set: score} to this file")
-  return parser.parse_args(argv)
+  parser.add_argument("--json", help="also write {set: score} to this file (replaced atomically)")
+  args = parser.parse_args(argv)
+  for flag in ("batch_size", "resamples"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+  return args
 
 
 def main(argv=None) -> dict[str, float]:
@@ -52,7 +58,9 @@ def main(argv=None) -> dict[str, float]:
   try:  # one line for a missing weights file or data folder, mismatched folders, a corrupt file
     return score(args)
   except (OSError, ValueError) as e:
-    sys.exit(f"lpips-jax eval: error: {e}")
+    sys.exit(f"lpips-jax eval: error: {' '.join(str(e).split())}")
+  except KeyboardInterrupt:  # the scores printed so far are complete; --json is written only at the end
+    exit_interrupted("lpips-jax eval: interrupted")
 
 
 def score(args: argparse.Namespace) -> dict[str, float]:
@@ -60,8 +68,6 @@ def score(args: argparse.Namespace) -> dict[str, float]:
   bootstrap interval of each score (and, with --compare, the paired difference of two metrics)."""
   from lpips_jax.train.data import read_2afc, read_jnd
 
-  if args.resamples < 1:
-    raise ValueError(f"--resamples must be at least 1, got {args.resamples}")
   params = _weights(args.weights, args)
   other = _weights(args.compare, args) if args.compare else None
   read = read_2afc if args.mode == "2afc" else read_jnd
@@ -75,7 +81,7 @@ def score(args: argparse.Namespace) -> dict[str, float]:
       print(f"    {_difference(items, _items(other, data, args, name), data, args)}", flush=True)
   print(f"  Mean: {100 * sum(scores.values()) / len(scores):.2f}")
   if args.json:
-    Path(args.json).write_text(json.dumps(scores, indent=1))
+    atomic_write(args.json, json.dumps(scores, indent=1).encode())
   return scores
 
 

@@ -7,6 +7,7 @@ all devices, params replicated, the last batch padded and its padding dropped be
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,11 +98,12 @@ def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax
   keys = ("ref", "p0", "p1") if isinstance(data, TwoAFC) else ("p0", "p1")
   fn = triplet_distances if isinstance(data, TwoAFC) else pair_distances
   n = len(data.p0)
+  real = lambda batch: tuple(batch[k][:int(batch["weight"].sum())] for k in keys)  # padding dropped
   with ThreadPoolExecutor(workers) as pool:
-    stream = prefetch((tuple(b[k][:int(b["weight"].sum())] for k in keys)
-                       for b in batches(data, np.arange(n), batch_size, pool=pool)), 2)
-    outs = list(tqdm(run_batches(fn, params, stream, batch_size=batch_size, mesh=mesh, dtype=dtype),
-                     total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"))
+    # Closed on every exit (Ctrl-C too), so the decoding thread stops before the pool shuts down.
+    with contextlib.closing(prefetch(map(real, batches(data, np.arange(n), batch_size, pool=pool)), 2)) as stream:
+      outs = list(tqdm(run_batches(fn, params, stream, batch_size=batch_size, mesh=mesh, dtype=dtype),
+                       total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"))
   return [np.concatenate([o[i] for o in outs]) for i in range(len(keys) - 1)]
 
 

@@ -6,18 +6,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
 from lpips_jax.train.config import CHOICES, Config, get_config
 
 
+class Parser(argparse.ArgumentParser):
+  """argparse whose errors are one line (the usage is what --help prints)."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def exit_interrupted(line: str) -> typing.NoReturn:
+  """End the process after Ctrl-C with `line` and status 130 (128 + SIGINT), once its files are closed.
+
+  os._exit, not sys.exit: measured, an XLA compilation cut short by Ctrl-C can crash the interpreter's shutdown
+  (SIGSEGV after the line is printed), and by now there is nothing left to flush but stdout and stderr.
+  """
+  print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)
+
+
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
-  parser = argparse.ArgumentParser(prog="lpips-jax train", description="Train LPIPS on 2AFC judgments (BAPPS layout); "
-                                   "the defaults are the official recipe. Settings: train/config.py.",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go")
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+  parser = Parser(prog="lpips-jax train", description="Train LPIPS on 2AFC judgments (BAPPS layout); the defaults "
+                  "are the official recipe. Settings: train/config.py.",
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go; one run at a "
+                      "time")
+  parser.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --workdir "
+                      "(with the run's settings; those of train.config.RESUMABLE may change)")
   parser.add_argument("--quiet", action="store_true", help="no progress lines")
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
@@ -41,11 +63,14 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
 
 def main(argv=None) -> None:
   args, config = parse(argv)
-  from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
-
+  note = lambda line: print(f"lpips-jax train: note: {line}", file=sys.stderr, flush=True)
   try:  # one line for missing or mismatched data, a workdir in use, an incompatible checkpoint, a diverged run
-    record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet)
+    from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
+
+    record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet, note=note)
   except (OSError, ValueError, FloatingPointError) as e:
-    sys.exit(f"lpips-jax train: error: {e}")
+    sys.exit(f"lpips-jax train: error: {' '.join(str(e).split())}")
+  except KeyboardInterrupt as e:  # Ctrl-C; train_and_evaluate has finished writing its checkpoint and log
+    exit_interrupted(f"lpips-jax train: {str(e) or 'interrupted'}")
   if record and record.get("val_mean") is not None:
     print(f"final mean 2AFC: {100 * record['val_mean']:.2f}")

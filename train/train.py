@@ -9,11 +9,14 @@ examples/imagenet does: create the state, restore or start, step, evaluate, log,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,9 +28,10 @@ from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lpips_jax.scoring import local_mesh as local_mesh  # the step's mesh (bench/train_step.py imports it here)
+from lpips_jax.files import atomic_write
 from lpips_jax.scoring import padded_batch_size
 from lpips_jax.weights import save
-from lpips_jax.train.config import DTYPES, Config
+from lpips_jax.train.config import DTYPES, RESUMABLE, Config
 from lpips_jax.train.data import TwoAFC, batches, epoch_order, prefetch, read_2afc
 from lpips_jax.train.evaluate import evaluate_2afc
 from lpips_jax.train.model import init_params, loss_fn
@@ -168,6 +172,27 @@ def create_train_state(config: Config, schedule: optax.Schedule,
   return jax.device_put(state, NamedSharding(mesh, PartitionSpec())), tx
 
 
+@contextlib.contextmanager
+def hold(workdir: Path) -> Iterator[None]:
+  """Hold `workdir` for one run: an exclusive lock (flock) on `workdir/lock`, which the OS releases when the process
+  ends, however it ends (SIGKILL too). A second run in the directory raises BlockingIOError at once."""
+  import fcntl
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "lock", "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      pid = lock.read().strip()
+      raise BlockingIOError(f"{workdir} is in use by another lpips-jax train{f' (process {pid})' if pid else ''}: "
+                            f"wait for it to end, or choose another --workdir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # for the message above: who holds the directory
+    lock.flush()
+    yield
+
+
 def checkpoint_manager(workdir: Path, keep: int):
   """Orbax checkpoints of the whole state under `workdir/checkpoints`, one folder per step, the `keep` latest."""
   import orbax.checkpoint as ocp
@@ -176,34 +201,115 @@ def checkpoint_manager(workdir: Path, keep: int):
   return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
 
 
-def restore_or_start(manager, state: TrainState, position: dict, log_path: Path, *, resume: bool) -> TrainState:
-  """The state to train from: `state` for a fresh run, which starts a new log, or with `resume` the latest
-  checkpoint's, the log cut back to it.
+def run_position(config: Config, examples: int) -> dict:
+  """What a checkpoint records beside the state (JSON), and what a resumed run must match: the number of training
+  examples, the steps per epoch and every setting (the config, tuples as lists)."""
+  return {"examples": examples, "steps_per_epoch": math.ceil(examples / config.batch_size),
+          "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}}
 
-  Raises FileExistsError for checkpoints without `resume`, and ValueError if the checkpoint was written for other
-  data or settings (`position`: the number of examples, batch size, seed, steps per epoch).
+
+def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, *, resume: bool,
+                     note: Callable[[str], None]) -> tuple[TrainState, dict | None]:
+  """The state to train from, and for a resumed run the log record saying so: `state` for a fresh run, which
+  starts a new log, or with `resume` the state of the latest checkpoint that reads back whole, the log cut back to
+  it. Damaged later checkpoints (an unreadable array file or position JSON) are moved to `workdir/damaged/`, with
+  a `note`; settings of `RESUMABLE` that differ from the checkpoint's are noted and recorded.
+
+  `position`: `run_position` of this run. Raises FileExistsError for checkpoints without `resume`, and ValueError
+  if no checkpoint reads back, the data's size changed, another setting differs from the checkpoint's, or the
+  checkpoint is past the run's last step.
   """
   import orbax.checkpoint as ocp
 
-  latest = manager.latest_step()
-  if latest is None:
+  log_path, steps = workdir / "log.jsonl", sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    if resume:
+      note(f"{workdir} holds no checkpoint to resume: starting a new run")
     log_path.unlink(missing_ok=True)  # a fresh run (or one killed before its first checkpoint) starts a new log
-    return state
+    return state, None
   if not resume:
-    raise FileExistsError(f"{log_path.parent} already holds checkpoints (latest step {latest}): pass --resume to "
+    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[0]}): pass --resume to "
                           f"continue that run, or choose a new --workdir")
-  restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
-                                                             position=ocp.args.JsonRestore()))
-  changed = {k: (restored.position.get(k), v) for k, v in position.items() if restored.position.get(k) != v}
+  damaged = {}
+  for step in steps:
+    try:  # the position first: the settings are compared before the state tree is read
+      saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore())).position
+      saved_settings, saved_examples = saved["settings"], saved["examples"]
+    except Exception as e:
+      damaged[step] = _reason(e)
+      continue
+    changed = _changed_settings(saved_settings, position["settings"], f"{workdir} (checkpoint {step})")
+    if saved_examples != position["examples"]:
+      raise ValueError(f"cannot resume {workdir}: its run trained on {saved_examples} examples, and --datasets "
+                       f"under --dataroot now hold {position['examples']}; resume with the run's data, or train on "
+                       f"the new data in another --workdir")
+    total = position["steps_per_epoch"] * (position["settings"]["epochs"] + position["settings"]["epochs_decay"])
+    if step > total:
+      raise ValueError(f"cannot resume {workdir} at step {step}: --epochs {position['settings']['epochs']} "
+                       f"--epochs_decay {position['settings']['epochs_decay']} end the run at step {total}; ask "
+                       f"for at least the {step / position['steps_per_epoch']:g} epochs it has trained")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
+    except Exception as e:
+      damaged[step] = _reason(e)
+      continue
+    break
+  else:
+    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} reads back whole (" + "; ".join(
+        f"{s}: {r}" for s, r in damaged.items()) + "): delete the folder to train from the start, or choose a new "
+                     "--workdir")
+  if damaged:
+    for s in damaged:  # moved, not deleted: a later save of step s needs the name, and the files may be evidence
+      _move_into(Path(manager.directory) / str(s), workdir / "damaged")
+    manager.reload()
+    note(f"checkpoint{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))} in {workdir} "
+         f"{'are' if len(damaged) > 1 else 'is'} damaged (" + "; ".join(damaged.values()) + f"), moved to "
+         f"{workdir / 'damaged'}; resuming from checkpoint {step}")
   if changed:
-    raise ValueError(f"cannot resume: the checkpoint was written with different data or settings "
-                     f"(saved, now): {changed}")
-  _truncate_log(log_path, int(restored.state.step))
-  return restored.state
+    note(f"resuming {workdir} at step {step} with changed settings: " + ", ".join(
+        f"--{k} {_text(old)} -> {_text(new)}" for k, (old, new) in changed.items()) + " (recorded in log.jsonl)")
+  _truncate_log(log_path, step)
+  return restored, {"kind": "resume", "step": step, "changed": changed, "damaged": sorted(damaged)}
+
+
+def _changed_settings(saved: dict, now: dict, where: str) -> dict[str, list]:
+  """{setting: [saved, now]} of the RESUMABLE settings that differ; ValueError naming each other one that does."""
+  differ = [k for k in now if saved.get(k) != now[k]]
+  fixed = [k for k in differ if k not in RESUMABLE]
+  if fixed:
+    raise ValueError(f"cannot resume {where}: it was trained with other settings: " + ", ".join(
+        f"--{k} {_text(saved.get(k))} (now {_text(now[k])})" for k in fixed) + "; resume with the run's settings, "
+                     "or train with the new ones in another --workdir")
+  return {k: [saved.get(k), now[k]] for k in differ}
+
+
+def _text(value) -> str:
+  """A setting as its flag's value(s) are written."""
+  if isinstance(value, list):
+    return " ".join(map(str, value)) if value else "(none)"
+  return str(value)
+
+
+def _reason(e: BaseException) -> str:
+  """One line of why a checkpoint did not read back: the first line of the innermost error, shortened."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+  line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+  return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _move_into(path: Path, folder: Path) -> None:
+  folder.mkdir(exist_ok=True)
+  target, n = folder / path.name, 1
+  while target.exists():
+    target, n = folder / f"{path.name}.{n}", n + 1
+  path.rename(target)
 
 
 def save_checkpoint(manager, state: TrainState, position: dict) -> None:
-  """Save `state` as checkpoint `state.step`, with `position` and where in the data that step is (JSON)."""
+  """Save `state` as checkpoint `state.step`, with `position` (`run_position`) and where in the data that step is
+  (JSON)."""
   import orbax.checkpoint as ocp
 
   step = int(state.step)
@@ -268,10 +374,21 @@ def write_record(log, record: dict, *, progress: bool = False, total_steps: int 
 
 
 def _truncate_log(path: Path, step: int) -> None:
-  """Drop log records written after the checkpoint a run resumes from (they will be written again)."""
-  if path.exists():
-    records = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in records))
+  """Drop log records written after the checkpoint a run resumes from (they will be written again), atomically.
+  A last line torn by a kill is dropped too; any other line that is not JSON is an error naming it."""
+  if not path.exists():
+    return
+  lines, kept = path.read_text(errors="replace").splitlines(), []
+  for i, line in enumerate(lines):
+    try:
+      record = json.loads(line) if line.strip() else None
+    except ValueError:
+      if i == len(lines) - 1:
+        break
+      raise ValueError(f"{path}, line {i + 1}, is not a JSON record; repair or delete that line to resume") from None
+    if record is not None and record.get("step", 0) <= step:
+      kept.append(line)
+  atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
 
 def export(workdir: Path, params, config: Config, steps: int) -> None:
@@ -297,72 +414,93 @@ def plot(log_path: Path, out: Path) -> None:
   fig, (ax_loss, ax_2afc) = plt.subplots(1, 2, figsize=(11, 4))
   ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
   ax_loss.set(xlabel="step", ylabel="BCE ranking loss", title="training loss")
-  for name in (evals[0]["val"] if evals else []):
-    ax_2afc.plot([r["step"] for r in evals], [100 * r["val"][name] for r in evals], marker=".", label=name)
+  for name in dict.fromkeys(name for r in evals for name in r["val"]):  # a resumed run may score other sets
+    scored = [r for r in evals if name in r["val"]]
+    ax_2afc.plot([r["step"] for r in scored], [100 * r["val"][name] for r in scored], marker=".", label=name)
   if evals:
     ax_2afc.plot([r["step"] for r in evals], [100 * r["val_mean"] for r in evals], "k-", lw=2, label="mean")
     ax_2afc.legend(fontsize="small")
   ax_2afc.set(xlabel="step", ylabel="2AFC score (%)", title="validation 2AFC")
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
   plt.close(fig)
 
 
-def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
-                       progress: bool = False) -> dict | None:
-  """Train LPIPS as `config` says, writing to `workdir`:
-  `log.jsonl` (config, train lines every `log_every` steps, eval lines before training and after each epoch),
-  `training.png`, `checkpoints/` (Orbax; every `checkpoint_every` steps and at the end), and at the end
-  `lpips.safetensors` (the metric, for `lpips_jax.load(path)`) and `rank.safetensors` (the ranking head).
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during `train_and_evaluate`, raised once the checkpoint being written is complete; the message says
+  which checkpoint the run can resume from."""
 
-  `resume` continues from the latest checkpoint exactly (same parameters as an uninterrupted run).
-  Returns the last eval record (None if a resumed run had no epoch left to evaluate).
+
+def _stderr(line: str) -> None:
+  print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, progress: bool = False,
+                       note: Callable[[str], None] = _stderr) -> dict | None:
+  """Train LPIPS as `config` says, writing to `workdir`, which it holds alone (`hold`):
+  `log.jsonl` (config, train lines every `log_every` steps, eval lines before training and after each epoch, a
+  resume line at each resume), `training.png`, `checkpoints/` (Orbax; every `checkpoint_every` steps and at the end),
+  and at the end `lpips.safetensors` (the metric, for `lpips_jax.load(path)`) and `rank.safetensors` (the ranking
+  head). Files are replaced atomically; the log is appended a whole line at a time.
+
+  `resume` continues from the latest good checkpoint exactly (same parameters as an uninterrupted run; see
+  `restore_or_start`). `note` gets one-line notes (a damaged checkpoint passed over, changed settings).
+  Returns the last eval record (None if a resumed run had no epoch left to evaluate). Ctrl-C raises `Interrupted`
+  once the checkpoint being written is complete.
   """
   workdir, root = Path(workdir), Path(config.dataroot)
-  workdir.mkdir(parents=True, exist_ok=True)
   log_path = workdir / "log.jsonl"
-  data = read_2afc([root / name for name in config.datasets])
-  val = {name: read_2afc([root / name]) for name in config.val_datasets}
-  steps_per_epoch = math.ceil(len(data.judge) / config.batch_size)
-  total_steps = steps_per_epoch * (config.epochs + config.epochs_decay)
-  mesh = local_mesh()
-  schedule = lr_schedule(config.lr, steps_per_epoch, config.epochs, config.epochs_decay)
-  state, tx = create_train_state(config, schedule, mesh)
-  position = {"examples": len(data.judge), "batch_size": config.batch_size, "seed": config.seed,
-              "steps_per_epoch": steps_per_epoch}
-  manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  state = restore_or_start(manager, state, position, log_path, resume=resume)
-  step_fn = make_train_step(tx, mesh, mode=config.mode, dtype=DTYPES[config.dtype])
-  start, record = int(state.step), None
-  with open(log_path, "a") as log, ThreadPoolExecutor(config.workers) as pool:
-    emit = functools.partial(write_record, log, progress=progress, total_steps=total_steps)
-    if start == 0:
-      emit({"kind": "config", "step": 0, **{k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in vars(config).items()}, "devices": mesh.size})
-      record = evaluate(state.params, val, config, mesh, 0, 0)
-      emit(record)
-    stream = train_batches(data, config, start, pad_to=padded_batch_size(config.batch_size, mesh),
-                           pool=pool)  # padded so that every device gets an equal share
-    pending, started = [], time.perf_counter()
-    # `step` counts the steps taken once this one is: it follows state.step without reading it back from the device.
-    for step, batch in zip(range(start + 1, total_steps + 1), stream):
-      rng = jax.random.fold_in(state.rng, state.step) if config.dropout else None
-      state, metrics = step_fn(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))), rng)
-      pending.append(metrics)
-      if step % config.log_every == 0 or step % steps_per_epoch == 0:
-        values = jax.device_get(pending)
-        check_finite(values, step, config.dtype)
-        elapsed, started = time.perf_counter() - started, time.perf_counter()
-        emit(train_record(values, step, steps_per_epoch, float(schedule(step - 1)), elapsed))
-        pending = []
-      if step % steps_per_epoch == 0:
-        record = evaluate(state.params, val, config, mesh, step, step // steps_per_epoch)
-        emit(record)
-        plot(log_path, workdir / "training.png")
-      if step % config.checkpoint_every == 0 or step == total_steps:
-        save_checkpoint(manager, state, position)
-  manager.wait_until_finished()
-  manager.close()
-  export(workdir, jax.device_get(state.params), config, int(state.step))
-  plot(log_path, workdir / "training.png")
+  with hold(workdir):
+    data = read_2afc([root / name for name in config.datasets])
+    val = {name: read_2afc([root / name]) for name in config.val_datasets}
+    position = run_position(config, len(data.judge))
+    steps_per_epoch = position["steps_per_epoch"]
+    total_steps = steps_per_epoch * (config.epochs + config.epochs_decay)
+    mesh = local_mesh()
+    schedule = lr_schedule(config.lr, steps_per_epoch, config.epochs, config.epochs_decay)
+    state, tx = create_train_state(config, schedule, mesh)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    try:
+      state, resumed = restore_or_start(manager, state, position, workdir, resume=resume, note=note)
+      step_fn = make_train_step(tx, mesh, mode=config.mode, dtype=DTYPES[config.dtype])
+      start, record = int(state.step), None
+      pool = ThreadPoolExecutor(config.workers)
+      stream = train_batches(data, config, start, pad_to=padded_batch_size(config.batch_size, mesh),
+                             pool=pool)  # padded so that every device gets an equal share
+      with open(log_path, "a") as log, pool, contextlib.closing(stream):
+        emit = functools.partial(write_record, log, progress=progress, total_steps=total_steps)
+        if resumed:
+          emit(resumed)
+        else:
+          emit({"kind": "config", "step": 0, **position["settings"], "devices": mesh.size})
+          record = evaluate(state.params, val, config, mesh, 0, 0)
+          emit(record)
+        pending, started = [], time.perf_counter()
+        # `step` counts the steps taken once this one is: it follows state.step without reading it from the device.
+        for step, batch in zip(range(start + 1, total_steps + 1), stream):
+          rng = jax.random.fold_in(state.rng, state.step) if config.dropout else None
+          state, metrics = step_fn(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))), rng)
+          pending.append(metrics)
+          if step % config.log_every == 0 or step % steps_per_epoch == 0:
+            values = jax.device_get(pending)
+            check_finite(values, step, config.dtype)
+            elapsed, started = time.perf_counter() - started, time.perf_counter()
+            emit(train_record(values, step, steps_per_epoch, float(schedule(step - 1)), elapsed))
+            pending = []
+          if step % steps_per_epoch == 0:
+            record = evaluate(state.params, val, config, mesh, step, step // steps_per_epoch)
+            emit(record)
+            plot(log_path, workdir / "training.png")
+          if step % config.checkpoint_every == 0 or step == total_steps:
+            save_checkpoint(manager, state, position)
+    except KeyboardInterrupt:
+      manager.close()  # waits for the checkpoint being written: every checkpoint on disk is whole
+      latest = manager.latest_step()
+      where = (f"{workdir} holds the checkpoints up to step {latest} and their log: continue with --resume"
+               if latest is not None else f"{workdir} holds no checkpoint yet: a new run starts over")
+      raise Interrupted(f"interrupted; {where}") from None
+    finally:
+      manager.close()
+    export(workdir, jax.device_get(state.params), config, int(state.step))
+    plot(log_path, workdir / "training.png")
   return record
