@@ -1,4 +1,6 @@
 """Scoring: hand-computed 2AFC/JND cases, equality with the official scorers, sharded distances over a padded batch."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,48 @@ def test_eval_command_errors_are_one_line(tmp_path):
     eval_command.main(["--dataroot", str(tmp_path / "missing"), "--datasets", "val/cnn"])
   with pytest.raises(SystemExit, match=r"^lpips-jax eval: error: weights file .*none.safetensors does not exist"):
     eval_command.main(["--weights", str(tmp_path / "none.safetensors")])
+
+
+def test_eval_command_refuses_bad_numbers_in_one_line(capsys):
+  from lpips_jax.train import eval_main as eval_command
+
+  for argv, error in ((["--batch_size", "0"], "--batch_size must be at least 1, got 0"),  # was a ZeroDivisionError
+                      (["--resamples", "0"], "--resamples must be at least 1, got 0"),
+                      (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'")):
+    with pytest.raises(SystemExit) as caught:
+      eval_command.main(argv)
+    assert caught.value.code == 2 and capsys.readouterr().err == f"lpips-jax eval: error: {error} (see --help)\n"
+
+
+def test_ctrl_c_ends_the_eval_command_with_one_line(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import tempfile
+
+  write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=6)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  # Outside the repository, so that `python -m` imports the installed package (see test_train.command).
+  process = subprocess.Popen([sys.executable, "-m", "lpips_jax", "eval", "--dataroot", str(tmp_path), "--resamples",
+                              "100", "--json", str(tmp_path / "scores.json"), "--datasets", *["val/mine"] * 200],
+                             cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  assert process.stdout.readline().startswith("  Dataset [val/mine]: ")  # scoring the second of 200 sets
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 130 and err.endswith("\nlpips-jax eval: interrupted\n"), err[-3000:]
+  assert "Traceback" not in err and "Mean" not in out and not (tmp_path / "scores.json").exists()
+  assert all(line.startswith("  Dataset [val/mine]: ") for line in out.splitlines()) and out[-1:] in ("", "\n")
+
+
+def test_eval_command_writes_json_atomically(tmp_path, monkeypatch):
+  from lpips_jax.train import eval_main as eval_command
+
+  write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=4)
+  out = tmp_path / "scores.json"
+  out.write_text("the previous scores")
+  scores = eval_command.main(["--dataroot", str(tmp_path), "--datasets", "val/mine", "--resamples", "10", "--json",
+                              str(out)])
+  assert json.loads(out.read_text()) == scores
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2afc", "scores.json"]  # no temporary file left
