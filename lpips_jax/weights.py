@@ -52,13 +52,6 @@ def _read_manifest(path: Path) -> dict[str, dict[str, str]]:
   return entries
 
 
-def __getattr__(name: str):
-  # `MANIFEST` was a module constant read at import; it stays readable for callers not yet moved to `manifest()`.
-  if name == "MANIFEST":
-    return manifest()
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def as_printed(command: str) -> str:
   """`command` ('python -m ...') with this interpreter's path for 'python', so it runs as printed, also from a
   virtual environment that is not activated."""
