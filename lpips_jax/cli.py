@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -92,6 +93,12 @@ def main(argv=None) -> int:
   except (CommandError, ValueError, OSError) as e:  # bad input: one line, no traceback
     print(f"lpips-jax: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:  # the host's or the device's memory
+    if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print("lpips-jax: error: out of memory; lower --batch-size, or compare fewer or smaller images at a time",
+          file=sys.stderr)
+    return 1
   except KeyboardInterrupt as e:  # at any point: loading, compiling, decoding, writing
     print(f"lpips-jax: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
     return 130
@@ -104,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
                                    f"budget ({budget} megapixels of its pairs, 2 H W per pair: about "
                                    f"{BATCH_BYTES / 2**30:g} GiB at the measured peak memory per pixel), so large "
                                    f"images go fewer to a batch; a pair above the budget is computed alone. REF "
-                                   f"IMG... and DIR hold all their images in memory (12 bytes per pixel).", 79))
+                                   f"IMG... and DIR hold all their images in memory (24 bytes per pixel while "
+                                   f"stacked).", 79))
   p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
   p.add_argument("--net", default="alex", help="alex (default), vgg or squeeze")
   p.add_argument("--version", default="0.1", choices=list(VERSIONS))
@@ -122,8 +130,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the trunk's compute dtype")
   p.add_argument("--max-pixels", type=int, metavar="N", help="refuse images of more than N pixels (default: "
                                                              "Pillow's decompression-bomb limit, "
-                                                             f"{Image.MAX_IMAGE_PIXELS:,}); raise it for genuine "
-                                                             "huge images")
+                                                             f"{Image.MAX_IMAGE_PIXELS or 0:,}); raise it for "
+                                                             "genuine huge images")
   return p
 
 
