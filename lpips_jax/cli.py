@@ -82,8 +82,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in JOBS:  # a file named like a job is still reachable as ./train
-    importlib.import_module(JOBS[argv[0]]).main(argv[1:])  # errors exit with their own status and line
-    return 0
+    status = importlib.import_module(JOBS[argv[0]]).main(argv[1:])  # an int status, or None (or a result): 0
+    return status if isinstance(status, int) else 0
   try:
     args = parser().parse_args(argv)
     # Pillow warns above MAX_IMAGE_PIXELS (and raises above twice it): an error here, named by read_image.

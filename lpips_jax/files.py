@@ -75,7 +75,8 @@ def read_image(path: str | os.PathLike, size: Size | None = None, *,
 
 def _bomb_message(path: Path) -> str:
   limit = Image.MAX_IMAGE_PIXELS
-  return (f"{path}: more than {limit / 1e6:.1f} megapixels, Pillow's limit against decompression bombs; if the "
+  amount = f"{limit / 1e6:.1f} megapixels" if limit >= 100_000 else f"{limit} pixels"
+  return (f"{path}: more than {amount}, Pillow's limit against decompression bombs; if the "
           f"image is genuine, raise the limit (the command's --max-pixels, or PIL.Image.MAX_IMAGE_PIXELS)")
 
 
