@@ -234,37 +234,22 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
   for step in steps:
     try:  # the position first: the settings are compared before the state tree is read
       saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore())).position
-      saved_settings, saved_examples = saved["settings"], saved["examples"]
-    except Exception as e:
-      damaged[step] = _reason(e)
-      continue
-    changed = _changed_settings(saved_settings, position["settings"], f"{workdir} (checkpoint {step})")
-    if saved_examples != position["examples"]:
-      raise ValueError(f"cannot resume {workdir}: its run trained on {saved_examples} examples, and --datasets "
-                       f"under --dataroot now hold {position['examples']}; resume with the run's data, or train on "
-                       f"the new data in another --workdir")
-    total = position["steps_per_epoch"] * (position["settings"]["epochs"] + position["settings"]["epochs_decay"])
-    if step > total:
-      raise ValueError(f"cannot resume {workdir} at step {step}: --epochs {position['settings']['epochs']} "
-                       f"--epochs_decay {position['settings']['epochs_decay']} end the run at step {total}; ask "
-                       f"for at least the {step / position['steps_per_epoch']:g} epochs it has trained")
-    try:
+      changed = _check_resumable(saved, position, workdir, step)
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
+      break
+    except ResumeError:
+      raise
     except Exception as e:
       damaged[step] = _reason(e)
-      continue
-    break
   else:
     raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} reads back whole (" + "; ".join(
         f"{s}: {r}" for s, r in damaged.items()) + "): delete the folder to train from the start, or choose a new "
                      "--workdir")
-  if damaged:
-    for s in damaged:  # moved, not deleted: a later save of step s needs the name, and the files may be evidence
-      _move_into(Path(manager.directory) / str(s), workdir / "damaged")
-    manager.reload()
-    note(f"checkpoint{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))} in {workdir} "
-         f"{'are' if len(damaged) > 1 else 'is'} damaged (" + "; ".join(damaged.values()) + f"), moved to "
-         f"{workdir / 'damaged'}; resuming from checkpoint {step}")
+  for s, reason in damaged.items():  # moved, not deleted: a later save of step s needs the name; the files are evidence
+    _move_into(Path(manager.directory) / str(s), workdir / "damaged")
+    note(f"checkpoint {s} in {workdir} is damaged ({reason}), moved to {workdir / 'damaged'}; resuming from "
+         f"checkpoint {step}")
+  manager.reload()
   if changed:
     note(f"resuming {workdir} at step {step} with changed settings: " + ", ".join(
         f"--{k} {_text(old)} -> {_text(new)}" for k, (old, new) in changed.items()) + " (recorded in log.jsonl)")
@@ -272,15 +257,31 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
   return restored, {"kind": "resume", "step": step, "changed": changed, "damaged": sorted(damaged)}
 
 
-def _changed_settings(saved: dict, now: dict, where: str) -> dict[str, list]:
-  """{setting: [saved, now]} of the RESUMABLE settings that differ; ValueError naming each other one that does."""
-  differ = [k for k in now if saved.get(k) != now[k]]
+class ResumeError(ValueError):
+  """A checkpoint that reads back but was written for another run: other settings, other data, or past the end."""
+
+
+def _check_resumable(saved: dict, position: dict, workdir: Path, step: int) -> dict[str, list]:
+  """{setting: [saved, now]} of the RESUMABLE settings that differ between checkpoint `step` (its position JSON
+  `saved`) and this run (`position`); ResumeError naming each other setting that differs, a change in the number of
+  examples, or a run now shorter than the checkpoint's step."""
+  now = position["settings"]
+  differ = [k for k in now if saved["settings"].get(k) != now[k]]
   fixed = [k for k in differ if k not in RESUMABLE]
   if fixed:
-    raise ValueError(f"cannot resume {where}: it was trained with other settings: " + ", ".join(
-        f"--{k} {_text(saved.get(k))} (now {_text(now[k])})" for k in fixed) + "; resume with the run's settings, "
-                     "or train with the new ones in another --workdir")
-  return {k: [saved.get(k), now[k]] for k in differ}
+    raise ResumeError(f"cannot resume {workdir} (checkpoint {step}): it was trained with other settings: " + ", ".join(
+        f"--{k} {_text(saved['settings'].get(k))} (now {_text(now[k])})" for k in fixed) + "; resume with the run's "
+                      "settings, or train with the new ones in another --workdir")
+  if saved["examples"] != position["examples"]:
+    raise ResumeError(f"cannot resume {workdir}: its run trained on {saved['examples']} examples, and --datasets "
+                      f"under --dataroot now hold {position['examples']}; resume with the run's data, or train on "
+                      f"the new data in another --workdir")
+  total = position["steps_per_epoch"] * (now["epochs"] + now["epochs_decay"])
+  if step > total:
+    raise ResumeError(f"cannot resume {workdir} at step {step}: --epochs {now['epochs']} --epochs_decay "
+                      f"{now['epochs_decay']} end the run at step {total}; ask for at least the "
+                      f"{step / position['steps_per_epoch']:g} epochs it has trained")
+  return {k: [saved["settings"].get(k), now[k]] for k in differ}
 
 
 def _text(value) -> str:
