@@ -30,7 +30,6 @@ import itertools
 import os
 import sys
 import textwrap
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lpips_jax.files import atomic_write, read_image
+from lpips_jax.files import atomic_write, bombs_are_errors, read_image
 from lpips_jax.lpips import VERSIONS, check_images, check_params, distance_from_features, features
 from lpips_jax.pairwise import pairwise
 from lpips_jax.scoring import batch_rows, global_mesh, local_mesh, prefetch, row_pixels, run_batches
@@ -86,8 +85,7 @@ def main(argv=None) -> int:
     return status if isinstance(status, int) else 0
   try:
     args = parser().parse_args(argv)
-    # Pillow warns above MAX_IMAGE_PIXELS (and raises above twice it): an error here, named by read_image.
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    bombs_are_errors()
     run(args)
     return 0
   except (CommandError, ValueError, OSError) as e:  # bad input: one line, no traceback

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -54,8 +55,7 @@ def read_image(path: str | os.PathLike, size: Size | None = None, *,
   """
   path = Path(path)
   try:
-    # Pillow warns above its limit and raises above twice it; the commands make its warning an error (a process-wide
-    # filter is theirs to set: `warnings.catch_warnings` is not thread-safe, and images are decoded by threads).
+    # Pillow warns above its limit and raises above twice it; commands make its warning an error (bombs_are_errors).
     with Image.open(path) as image:
       return _pixels(path, image, size, note)
   except ImageFileError:
@@ -71,6 +71,13 @@ def read_image(path: str | os.PathLike, size: Size | None = None, *,
   except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct/zlib errors
     detail = " ".join(str(e).split()) or type(e).__name__
     raise ImageFileError(f"{path}: not a readable image ({detail}); check that it is a complete image file") from None
+
+
+def bombs_are_errors() -> None:
+  """For a command's process: make Pillow's decompression-bomb warning (above `MAX_IMAGE_PIXELS`, below twice it,
+  where Pillow raises) an error, which `read_image` reports as one line. A process-wide filter is a command's to
+  set: `warnings.catch_warnings` is not thread-safe, and images are decoded by threads."""
+  warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def _bomb_message(path: Path) -> str:

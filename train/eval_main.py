@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lpips_jax.backbones import NETS
-from lpips_jax.files import atomic_write
+from lpips_jax.files import atomic_write, bombs_are_errors
 from lpips_jax.lpips import VERSIONS
 from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND
 from lpips_jax.train.main import Parser, exit_interrupted
@@ -55,6 +55,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, float]:
   args = parse(argv)
+  bombs_are_errors()
   try:  # one line for a missing weights file or data folder, mismatched folders, a corrupt file
     return score(args)
   except (OSError, ValueError) as e:

@@ -10,6 +10,7 @@ import os
 import sys
 import typing
 
+from lpips_jax.files import bombs_are_errors
 from lpips_jax.train.config import CHOICES, Config, get_config
 
 
@@ -63,6 +64,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, Config]:
 
 def main(argv=None) -> None:
   args, config = parse(argv)
+  bombs_are_errors()
   note = lambda line: print(f"lpips-jax train: note: {line}", file=sys.stderr, flush=True)
   try:  # one line for missing or mismatched data, a workdir in use, an incompatible checkpoint, a diverged run
     from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
