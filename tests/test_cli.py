@@ -606,3 +606,25 @@ def test_running_out_of_memory_is_one_line_and_help_states_the_budget(monkeypatc
   text = " ".join(cli.parser().format_help().split())
   budget = ", ".join(f"{net} {cli.BATCH_PIXELS[net] / 1e6:.1f}" for net in ("alex", "squeeze", "vgg"))
   assert f"at most the net's pixel budget ({budget} megapixels of its pairs" in text and "--max-pixels N" in text
+
+
+INTERRUPT_AT_IMPORT = textwrap.dedent("""
+    import os, signal, sys
+
+    class InterruptJaxImport:  # Ctrl-C while `import jax` runs, the command's first seconds
+      def find_spec(self, name, path=None, target=None):
+        if name == "jax":
+          os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+    sys.meta_path.insert(0, InterruptJaxImport())
+    from lpips_jax.__main__ import main  # what the console script and `python -m lpips_jax` run
+    sys.exit(main())
+""")
+
+
+def test_ctrl_c_while_jax_is_imported_is_one_line_and_status_130():
+  result = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT, str(IMAGES / "ex_ref.png"),
+                           str(IMAGES / "ex_p0.png")], capture_output=True, text=True, cwd=tempfile.gettempdir())
+  assert result.returncode == 130, result.stderr
+  assert result.stderr == "lpips-jax: interrupted\n" and result.stdout == ""
