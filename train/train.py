@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -235,7 +237,8 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
     try:  # the position first: the settings are compared before the state tree is read
       saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore())).position
       changed = _check_resumable(saved, position, workdir, step)
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
+      with _stray_output_hidden():
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
       break
     except ResumeError:
       raise
@@ -255,6 +258,53 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
         f"--{k} {_text(old)} -> {_text(new)}" for k, (old, new) in changed.items()) + " (recorded in log.jsonl)")
   _truncate_log(log_path, step)
   return restored, {"kind": "resume", "step": step, "changed": changed, "damaged": sorted(damaged)}
+
+
+@contextlib.contextmanager
+def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
+  """Hide what a failing Orbax restore prints from its threads: when one array file fails to read, Orbax closes its
+  event loop while tensorstore still completes the other reads, whose callbacks then print "Event loop is closed"
+  tracebacks, and the abandoned coroutines print again when they are collected; dozens of tracebacks, some after
+  the exception has reached us. Standard error (the file descriptor: tensorstore writes from C++ threads) goes to a
+  temporary file; after a failure the stragglers get `grace` seconds and a collection, and their output is dropped;
+  after a success it is written out."""
+  sys.stderr.flush()
+  saved, capture = os.dup(2), tempfile.TemporaryFile()
+  os.dup2(capture.fileno(), 2)
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    if failed:
+      _drop_abandoned_orbax_reads()
+      gc.collect()
+      time.sleep(grace)
+      gc.collect()
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    if not failed:
+      capture.seek(0)
+      sys.stderr.buffer.write(capture.read())
+      sys.stderr.flush()
+    capture.close()
+
+
+def _drop_abandoned_orbax_reads() -> None:
+  """From now on, drop the "Exception ignored in: <coroutine ...>" reports of Orbax's abandoned reads (each a long
+  traceback, printed whenever they are collected, possibly much later); every other report is printed as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orbax_reads", False):
+    return
+
+  def hook(report):
+    code = getattr(report.object, "cr_code", None)
+    if code is None or "orbax" not in code.co_filename:
+      previous(report)
+
+  hook.drops_orbax_reads = True
+  sys.unraisablehook = hook
 
 
 class ResumeError(ValueError):
