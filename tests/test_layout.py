@@ -37,3 +37,14 @@ def test_user_modules_named_train_and_convert_neither_shadow_nor_are_shadowed(tm
   theirs = subprocess.run([sys.executable, "-c", "import train, convert; print(train.WHOSE, convert.WHOSE)"],
                           cwd=tmp_path, capture_output=True, text=True)
   assert theirs.stdout.strip() == "the user's train the user's convert", theirs.stderr
+
+
+def test_the_package_exports_its_names_lazily_and_pairwise_stays_the_function():
+  # `import lpips_jax` does not import JAX; importing the submodule lpips_jax.pairwise (as the command does) must
+  # not rebind the exported function `lpips_jax.pairwise` to that module.
+  code = ("import sys, lpips_jax; assert 'jax' not in sys.modules; import lpips_jax.cli; "
+          "from lpips_jax.pairwise import pairwise; assert lpips_jax.pairwise is pairwise, lpips_jax.pairwise; "
+          "from lpips_jax import pairwise as p; assert p is pairwise; print(sorted(lpips_jax.__all__))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+  assert out.returncode == 0, out.stderr
+  assert "'distance'" in out.stdout and "'pairwise'" in out.stdout

@@ -9,7 +9,6 @@ by a thread pool, and batches are prepared on a background thread by `lpips_jax.
 """
 from __future__ import annotations
 
-import numbers
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -20,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lpips_jax.files import read_image
+from lpips_jax.lpips import check_positive_int
 from lpips_jax.scoring import prefetch as prefetch  # the one background producer (re-exported for train.py)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")  # the official IMG_EXTENSIONS, any case
@@ -170,8 +170,7 @@ def batches(data: TwoAFC | JND, order: Sequence[int], batch_size: int, *, pad_to
   """Batches of `data` in `order`: dicts of f32 arrays, images [B, 64, 64, 3] (`ref`, `p0`, `p1` or `p0`, `p1`),
   `judge` or `same` [B], and `weight` [B] (1 for examples, 0 for padding). Every batch is padded to `pad_to`
   (default `batch_size`) with zero images, so all steps have one shape; the last may hold fewer examples."""
-  if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+  batch_size = check_positive_int(batch_size, "batch_size")
   pad_to = pad_to or batch_size
   if pad_to < batch_size:
     raise ValueError(f"pad_to ({pad_to}) must be at least batch_size ({batch_size})")

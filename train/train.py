@@ -545,7 +545,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
           if step % config.checkpoint_every == 0 or step == total_steps:
             save_checkpoint(manager, state, position)
     except KeyboardInterrupt:
-      manager.close()  # waits for the checkpoint being written: every checkpoint on disk is whole
+      manager.wait_until_finished()  # the checkpoint being written: every checkpoint on disk is whole
       latest = manager.latest_step()
       where = (f"{workdir} holds the checkpoints up to step {latest} and their log: continue with --resume"
                if latest is not None else f"{workdir} holds no checkpoint yet: a new run starts over")
