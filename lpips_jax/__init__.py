@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+# Installed, convert/ and train/ are the subpackages lpips_jax.convert and lpips_jax.train (pyproject.toml). In the
+# repository they sit beside this folder, and Python imports this folder when run from the repository root
+# (`python -m lpips_jax train`): look for the subpackages there too.
+_ROOT = Path(__file__).resolve().parent.parent
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "train" / "main.py").is_file():
+  __path__.append(str(_ROOT))
 
 # Each public name and the module that defines it.
 _EXPORTS = {"LPIPS": "lpips_jax.modules", "NNXLPIPS": "lpips_jax.modules", "distance": "lpips_jax.lpips",
-            "distance_from_features": "lpips_jax.lpips", "diversity": "lpips_jax.pairwise",
+            "distance_from_features": "lpips_jax.lpips", "diversity": "lpips_jax.all_pairs",
             "features": "lpips_jax.lpips", "load": "lpips_jax.weights", "metrics": None,
-            "pairwise": "lpips_jax.pairwise", "score_pairs": "lpips_jax.scoring", "stats": None}  # None: a module
+            "pairwise": "lpips_jax.all_pairs", "score_pairs": "lpips_jax.scoring", "stats": None}  # None: a module
 
 __all__ = sorted(_EXPORTS)
 
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
   from lpips_jax import metrics, stats
   from lpips_jax.lpips import distance, distance_from_features, features
   from lpips_jax.modules import LPIPS, NNXLPIPS
-  from lpips_jax.pairwise import diversity, pairwise
+  from lpips_jax.all_pairs import diversity, pairwise
   from lpips_jax.scoring import score_pairs
   from lpips_jax.weights import load
 
@@ -43,15 +49,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
   return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-  """The package's type: when a submodule is first imported, the import system binds it as an attribute of the
-  package, which for `pairwise` (the function, exported from the submodule of the same name) must not happen."""
-
-  def __setattr__(self, name: str, value) -> None:
-    if _EXPORTS.get(name) is not None and isinstance(value, types.ModuleType):
-      return
-    super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

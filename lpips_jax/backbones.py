@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lpips_jax.errors import InputError
+
 
 def _conv(features: int, kernel: int, stride: int, pad: int, name: str, dtype, precision) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, dtype=dtype,
@@ -47,11 +49,11 @@ def _remat(method, remat: bool):
   return nn.remat(method, static_argnums=(2,)) if remat else method
 
 
-def _max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -> jax.Array:
+def max_pool(x: jax.Array, window: int, stride: int, ceil_mode: bool = False) -> jax.Array:
   """torch `MaxPool2d(window, stride, ceil_mode)` on NHWC, as the elementwise maximum of the window's strided views.
 
-  Not `nn.max_pool`: XLA's CPU reduce_window is 2-5x slower forward, and the select_and_scatter of its gradient
-  3-22x slower, than slices and maxima (bench/pools.py); the values are the same (a maximum is exact).
+  Not `nn.max_pool`: on XLA's CPU backend its reduce_window, and the select_and_scatter of its gradient, are slower
+  than slices and maxima (bench/pools.py; the README has the numbers); the values are the same (a maximum is exact).
   ceil_mode (SqueezeNet): out = ceil((H - window) / stride) + 1, minus one when the last window would start past
   the input; the missing bottom/right cells are -inf.
   """
@@ -86,7 +88,7 @@ class AlexNet(_Trunk):
   def slice(self, x: jax.Array, s: int) -> jax.Array:
     index, features, kernel, stride, pad, pool = _ALEXNET_SLICES[s]
     if pool:
-      x = _max_pool(x, 3, 2)
+      x = max_pool(x, 3, 2)
     return nn.relu(_conv(features, kernel, stride, pad, f"features_{index}", self.dtype, self.precision)(x))
 
 
@@ -103,7 +105,7 @@ class VGG16(_Trunk):
 
   def slice(self, x: jax.Array, s: int) -> jax.Array:
     if s:
-      x = _max_pool(x, 2, 2)
+      x = max_pool(x, 2, 2)
     for index, features in _VGG16_SLICES[s]:
       x = nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
     return x
@@ -140,7 +142,7 @@ class SqueezeNet(_Trunk):
     if s == 0:
       return nn.relu(_conv(64, 3, 2, 0, "features_0", self.dtype, self.precision)(x))  # stride 2, no padding
     if s <= 3:
-      x = _max_pool(x, 3, 2, ceil_mode=True)
+      x = max_pool(x, 3, 2, ceil_mode=True)
     for index, squeeze, expand in _SQUEEZENET_SLICES[s - 1]:
       x = Fire(squeeze, expand, self.dtype, self.precision, name=f"features_{index}")(x)
     return x
@@ -165,5 +167,5 @@ def net_name(net: str) -> str:
   """The canonical net name ('alex', 'vgg' or 'squeeze') for `net` or one of its aliases."""
   name = ALIASES.get(net, net)
   if name not in NETS:
-    raise ValueError(f"unknown net {net!r}; choose one of {sorted(NETS)} (aliases: {sorted(ALIASES)})")
+    raise InputError(f"unknown net {net!r}; choose one of {sorted(NETS)} (aliases: {sorted(ALIASES)})")
   return name

@@ -23,6 +23,8 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
+from lpips_jax.errors import InputError
+
 # Pillow modes of one channel read at full precision: mode -> the value that maps to white.
 HIGH_DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
@@ -31,7 +33,7 @@ _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it),
 os.umask(_UMASK)
 
 
-class ImageFileError(ValueError):
+class ImageFileError(InputError):
   """An image file that cannot be read as an LPIPS input; the message names the file, the problem and the fix."""
 
 

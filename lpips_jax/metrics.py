@@ -1,6 +1,6 @@
 """LPIPS as an evaluation metric: a clu-style accumulator pytree and an NNX metric, both exact over padded batches.
 
-`LPIPS` follows `clu.metrics` (`empty`, `from_model_output`, `merge`, `reduce`, `compute`; the same fields as
+`LPIPSMetric` follows `clu.metrics` (`empty`, `from_model_output`, `merge`, `reduce`, `compute`; the same fields as
 `clu.metrics.Std`) without importing clu, so it also sits in a `clu.metrics.Collection`. It keeps sums and a count,
 not a running mean: a set scored in uneven batches, or in fixed-size batches whose last one is padded and masked
 (the sharded-evaluation idiom of big_vision's `pad_shard_unpad`), gets the exact mean of its pairs' distances.
@@ -15,11 +15,13 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from lpips_jax.lpips import _distance, check_images, check_params
+from lpips_jax.checks import check_images, check_params
+from lpips_jax.errors import InputError
+from lpips_jax.lpips import pipeline
 
 
 @flax.struct.dataclass
-class LPIPS:
+class LPIPSMetric:
   """Sum, sum of squares and count of LPIPS distances: an immutable pytree, usable inside `jax.jit`.
 
   All fields are float32 scalars. The count is float32 rather than clu's int32, so `compute` needs no int-to-float
@@ -29,9 +31,9 @@ class LPIPS:
     >>> params = lpips_jax.load("alex")
     >>> @jax.jit
     ... def eval_step(metric, params, a, b, mask):  # params are an argument, not a closed-over constant
-    ...   return metric.merge(LPIPS.from_model_output(a, b, params=params, mask=mask))
+    ...   return metric.merge(LPIPSMetric.from_model_output(a, b, params=params, mask=mask))
     >>> a = jnp.zeros((4, 64, 64, 3)); b = jnp.full((4, 64, 64, 3), 0.5)
-    >>> metric = eval_step(LPIPS.empty(), params, a, b, jnp.array([True, True, True, False]))  # last: padding
+    >>> metric = eval_step(LPIPSMetric.empty(), params, a, b, jnp.array([True, True, True, False]))  # last: padding
     >>> float(metric.count), metric.compute().shape
     (3.0, ())
   """
@@ -41,22 +43,22 @@ class LPIPS:
   count: jax.Array  # f32 [], number of counted pairs
 
   @classmethod
-  def empty(cls) -> LPIPS:
+  def empty(cls) -> LPIPSMetric:
     """No pairs: the identity of `merge`. Its `compute()` and `std()` are NaN (0 / 0), as `clu.metrics.Average`."""
     zero = jnp.zeros((), jnp.float32)
     return cls(total=zero, sum_of_squares=zero, count=zero)
 
   @classmethod
-  def from_distances(cls, distances: ArrayLike, mask: ArrayLike | None = None) -> LPIPS:
+  def from_distances(cls, distances: ArrayLike, mask: ArrayLike | None = None) -> LPIPSMetric:
     """The accumulator of precomputed distances [N] (e.g. from `lpips_jax.score_pairs`); `mask` as below."""
     d = jnp.asarray(distances).astype(jnp.float32)
     if d.ndim != 1:
-      raise ValueError(f"distances must be a vector [N]; got shape {d.shape}")
+      raise InputError(f"distances must be a vector [N]; got shape {d.shape}")
     if mask is None:
       return cls(total=jnp.sum(d), sum_of_squares=jnp.sum(d * d), count=jnp.float32(d.shape[0]))
     keep = jnp.asarray(mask)
     if keep.shape != d.shape:
-      raise ValueError(f"mask must have shape {d.shape}, one entry per pair; got {keep.shape}")
+      raise InputError(f"mask must have shape {d.shape}, one entry per pair; got {keep.shape}")
     keep = keep if keep.dtype == jnp.bool_ else keep != 0
     # `where`, not `d * mask`: a padded pair whose distance is NaN or inf (garbage padding) must not leak in.
     d = jnp.where(keep, d, 0.0)
@@ -64,7 +66,7 @@ class LPIPS:
 
   @classmethod
   def from_model_output(cls, predictions: ArrayLike, targets: ArrayLike, *, params, mask: ArrayLike | None = None,
-                        normalize: bool = False, dtype=None, precision=None, **_) -> LPIPS:
+                        normalize: bool = False, dtype=None, precision=None, **_) -> LPIPSMetric:
     """The accumulator of one batch: `lpips_jax.distance(params, predictions, targets, ...)` summed over its pairs.
 
     Args:
@@ -80,15 +82,15 @@ class LPIPS:
     """
     v = check_params(params)
     check_images(*_counted(mask, predictions, targets), v.net, normalize=normalize, names=("predictions", "targets"))
-    d = _distance(params, predictions, targets, variant=v, spatial=False, per_layer=False, normalize=normalize,
+    d = pipeline(params, predictions, targets, variant=v, spatial=False, per_layer=False, normalize=normalize,
                   dtype=dtype, precision=precision)
     return cls.from_distances(d, mask)
 
-  def merge(self, other: LPIPS) -> LPIPS:
+  def merge(self, other: LPIPSMetric) -> LPIPSMetric:
     """The accumulator of both sets of pairs (associative and commutative up to float32 rounding)."""
     return jax.tree.map(jnp.add, self, other)
 
-  def reduce(self) -> LPIPS:
+  def reduce(self) -> LPIPSMetric:
     """Merge a stack of accumulators along their leading axis, e.g. after `jax.lax.all_gather` (clu's `reduce`)."""
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), self)
 
@@ -122,7 +124,7 @@ def _counted(mask, a, b) -> tuple:
 class NNXLPIPSMetric(nnx.metrics.Metric):
   """The mean LPIPS distance as a stateful NNX metric, in the style of `flax.nnx.metrics.Average`.
 
-  The state is that of `LPIPS` (sum, sum of squares and count, float32 `nnx.metrics.MetricState`s), updated in
+  The state is that of `LPIPSMetric` (sum, sum of squares and count, float32 `nnx.metrics.MetricState`s), updated in
   place; `update` works under `nnx.jit`. The distance options are fixed at construction, the params are passed to
   every `update`, so they stay an argument of the jitted step.
 
@@ -140,19 +142,19 @@ class NNXLPIPSMetric(nnx.metrics.Metric):
   def __init__(self, *, normalize: bool = False, dtype=None, precision=None):
     """`normalize`, `dtype`, `precision`: as in `lpips_jax.distance`, for every update."""
     self.normalize, self.dtype, self.precision = normalize, dtype, precision
-    empty = LPIPS.empty()
+    empty = LPIPSMetric.empty()
     self.total = nnx.metrics.MetricState(empty.total)
     self.sum_of_squares = nnx.metrics.MetricState(empty.sum_of_squares)
     self.count = nnx.metrics.MetricState(empty.count)
 
   def reset(self) -> None:
     """Forget every pair: `compute()` is NaN again."""
-    self._set(LPIPS.empty())
+    self._set(LPIPSMetric.empty())
 
   def update(self, *, predictions: ArrayLike, targets: ArrayLike, params, mask: ArrayLike | None = None,
              **_) -> None:
-    """Add a batch, as `LPIPS.from_model_output` (other keyword arguments are ignored, for `nnx.MultiMetric`)."""
-    batch = LPIPS.from_model_output(predictions, targets, params=params, mask=mask, normalize=self.normalize,
+    """Add a batch, as `LPIPSMetric.from_model_output` (other keyword arguments are ignored, for `nnx.MultiMetric`)."""
+    batch = LPIPSMetric.from_model_output(predictions, targets, params=params, mask=mask, normalize=self.normalize,
                                     dtype=self.dtype, precision=self.precision)
     self._set(self.state().merge(batch))
 
@@ -161,14 +163,14 @@ class NNXLPIPSMetric(nnx.metrics.Metric):
     return self.state().compute()
 
   def std(self, *, ddof: int = 0) -> jax.Array:
-    """The standard deviation of the distances, as `LPIPS.std`."""
+    """The standard deviation of the distances, as `LPIPSMetric.std`."""
     return self.state().std(ddof=ddof)
 
-  def state(self) -> LPIPS:
-    """The current state as an immutable `LPIPS` accumulator (to merge with others, or across hosts)."""
-    return LPIPS(total=self.total[...], sum_of_squares=self.sum_of_squares[...], count=self.count[...])
+  def state(self) -> LPIPSMetric:
+    """The current state as an immutable `LPIPSMetric` accumulator (to merge with others, or across hosts)."""
+    return LPIPSMetric(total=self.total[...], sum_of_squares=self.sum_of_squares[...], count=self.count[...])
 
-  def _set(self, state: LPIPS) -> None:
+  def _set(self, state: LPIPSMetric) -> None:
     self.total[...] = state.total
     self.sum_of_squares[...] = state.sum_of_squares
     self.count[...] = state.count

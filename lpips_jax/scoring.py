@@ -19,7 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.lpips import _distance, check_images, check_params, check_positive_int
+from lpips_jax.checks import check_images, check_mesh, check_params, check_positive_int
+from lpips_jax.errors import InputError
+from lpips_jax.lpips import pipeline
 
 
 def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
@@ -46,22 +48,21 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
   """
   v = check_params(params)
   batch_size = check_positive_int(batch_size, "batch_size (pairs per step)")
-  if mesh is not None and mesh.axis_names != ("data",):
-    raise ValueError(f"mesh must be 1-D with axis 'data'; got axes {mesh.axis_names}")
+  check_mesh(mesh)
   if b is not None:
     a, b = np.asarray(a), np.asarray(b)
     if a.ndim and b.ndim and len(a) != len(b):
-      raise ValueError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]: pass as "
+      raise InputError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]: pass as "
                        f"many of each")
     check_images(a, b, v.net, normalize=normalize)
     step = padded_batch_size(batch_size, mesh or global_mesh())
     batches: Iterable = ((a[i:i + step], b[i:i + step]) for i in range(0, len(a), step))
   elif hasattr(a, "shape"):
-    raise ValueError(f"b is missing: score_pairs(params, a, b) scores a[i] against b[i] (a has shape {a.shape}); "
+    raise InputError(f"b is missing: score_pairs(params, a, b) scores a[i] against b[i] (a has shape {a.shape}); "
                      f"or pass an iterable of (a_batch, b_batch) pairs as a")
   else:
     batches = (_checked_pair(item, v.net, normalize) for item in a)
-  out = [d for (d,) in run_batches(pair_distances, params, batches, batch_size=batch_size, mesh=mesh, variant=v,
+  out = [d for (d,) in run_batches(batch_distances, params, batches, batch_size=batch_size, mesh=mesh, variant=v,
                                    normalize=normalize, dtype=dtype, precision=precision)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -69,22 +70,21 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
 def _checked_pair(item, net: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
   """One `(a_batch, b_batch)` item of `score_pairs`' batches, after `check_images`."""
   if not (isinstance(item, (tuple, list)) and len(item) == 2):
-    raise ValueError(f"each item of score_pairs' batches must be a pair (a_batch, b_batch); got a "
+    raise InputError(f"each item of score_pairs' batches must be a pair (a_batch, b_batch); got a "
                      f"{type(item).__name__}{f' of length {len(item)}' if hasattr(item, '__len__') else ''}")
   x, y = item
   check_images(x, y, net, normalize=normalize)
   return x, y
 
 
-def pair_distances(params, a, b, *, variant, normalize=False, dtype=None, precision=None):
-  """`distance` of a batch of pairs, for `run_batches` (the params' variant parsed once by the caller)."""
-  return _distance(params, a, b, variant=variant, spatial=False, per_layer=False, normalize=normalize, dtype=dtype,
+def batch_distances(params, a, b, *, variant, normalize=False, dtype=None, precision=None):
+  """`distance` of a batch of checked pairs, for `run_batches` (the params' variant parsed once by the caller)."""
+  return pipeline(params, a, b, variant=variant, spatial=False, per_layer=False, normalize=normalize, dtype=dtype,
                    precision=precision)
 
 
-def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *, batch_size: int,
-                batch_pixels: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                **options) -> Iterator[tuple[np.ndarray, ...]]:
+def run_batches(fn: Callable, params, batches: Iterable, *, batch_size: int, batch_pixels: int | None = None,
+                mesh: jax.sharding.Mesh | None = None, tagged: bool = False, **options) -> Iterator:
   """`fn(params, *arrays, **options)` over `batches`, each batch's outputs yielded in order as numpy arrays.
 
   Args:
@@ -99,30 +99,33 @@ def run_batches(fn: Callable, params, batches: Iterable[tuple[np.ndarray, ...]],
       that a batch's memory is bounded by its pixels, not only by its row count. Producers split with the same
       function.
     mesh: a 1-D mesh with axis "data" (default: every device of every process).
+    tagged: each item of `batches` is `(tag, arrays)`, and each output `(tag, outputs)`: whatever the caller needs
+      to place a batch's results (which pairs it holds) travels with it.
 
   Yields:
-    for each batch, the tuple of its outputs with the padding removed. The results of batch i are fetched after
-    batch i + 1 has been dispatched, so the devices never wait for the host's copy.
+    for each batch, the tuple of its outputs with the padding removed (with `tagged`, beside its tag). The results
+    of batch i are fetched after batch i + 1 has been dispatched, so the devices never wait for the host's copy.
   """
   mesh = mesh or global_mesh()
   size = lambda shapes: batch_rows(batch_size, row_pixels(shapes), batch_pixels, mesh)
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
+  items = batches if tagged else ((None, arrays) for arrays in batches)
+  finish = (lambda tag, out, n: (tag, _fetch(out, n))) if tagged else (lambda tag, out, n: _fetch(out, n))
   pending = None
-  for arrays, n in _padded(batches, size):
+  for tag, arrays, n, real in _padded(items, size):
     out = _jitted(fn, mesh, len(arrays), tuple(sorted(options.items())))(
         params, *(jax.make_array_from_process_local_data(sharding, x) for x in arrays))
     if pending is not None:
-      yield _fetch(*pending)
-    pending = (out, n)
+      yield finish(*pending)
+    pending = (tag, out, n) if real else None  # a process's all-padding steps (multi-process) yield nothing
   if pending is not None:
-    yield _fetch(*pending)
+    yield finish(*pending)
 
 
 def padded_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """`batch_size` rounded up to a multiple of the mesh's local device count, so every device gets an equal share."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  batch_size = check_positive_int(batch_size, "batch_size")
   local = mesh.local_mesh.size
   return -(-batch_size // local) * local
 
@@ -160,21 +163,22 @@ def _jitted(fn: Callable, mesh: jax.sharding.Mesh, arity: int, options: tuple):
                  out_shardings=data)
 
 
-def _padded(batches: Iterable, size: Callable) -> Iterator[tuple[list[np.ndarray], int]]:
-  """Each batch padded to `size(per-row shapes)` rows, with its real row count. With several processes, every
-  process takes part in every step: a process that has run out sends all-padding batches, shaped as the
-  others', until all have."""
+def _padded(items: Iterable, size: Callable) -> Iterator[tuple[object, list[np.ndarray], int, bool]]:
+  """Each `(tag, batch)` item as `(tag, batch padded to size(per-row shapes) rows, its real row count, True)`. With
+  several processes, every process takes part in every step: a process that has run out sends all-padding batches,
+  shaped as the others', until all have (`(None, padding, 0, False)`)."""
   multi = jax.process_count() > 1
-  iterator, shapes = iter(batches), None
+  iterator, shapes = iter(items), None
   while True:
-    batch = next(iterator, None)
+    item = next(iterator, None)
+    tag, batch = item if item is not None else (None, None)
     if batch is not None:
       batch = [np.asarray(x) for x in batch]
       n = len(batch[0])
       shapes = [x.shape[1:] for x in batch]
       rows = size(shapes)
       if any(len(x) != n for x in batch) or n > rows:
-        raise ValueError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
+        raise InputError(f"a batch holds {[len(x) for x in batch]} rows; every array of a batch needs the same "
                          f"count, at most the batch size {rows}")
     if multi:
       if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
@@ -185,13 +189,15 @@ def _padded(batches: Iterable, size: Callable) -> Iterator[tuple[list[np.ndarray
       shapes = [shape] * len(shapes) if shapes else None
     elif batch is None:
       return
-    if batch is None:
+    real = batch is not None
+    if not real:
       if shapes is None:
-        raise ValueError("this process passed no batches while others did; pass the arity with one empty batch")
+        raise InputError("this process passed no batches while others did; pass the arity with one empty batch")
       batch, n = [np.zeros((0, *s), np.float32) for s in shapes], 0
     if multi:
       rows = size(shapes)  # of the shape the processes agreed on
-    yield [np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)]) if n < rows else x for x in batch], n
+    yield tag, [np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)]) if n < rows else x for x in batch], \
+        n, real
 
 
 def _fetch(out, n: int) -> tuple[np.ndarray, ...]:

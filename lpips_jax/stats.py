@@ -1,10 +1,14 @@
-"""Percentile-bootstrap confidence intervals for scores that are means over items, in pure numpy.
+"""Percentile-bootstrap confidence intervals for scores that are means, resampling the independent units, in numpy.
 
-Both a set's mean LPIPS distance and a 2AFC score are means of per-item values: the distances themselves, or the
-per-triplet agreements `(d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5` (the official
-`score_2afc_dataset`). `bootstrap_ci` gives such a mean with a confidence interval; `paired_bootstrap` compares two
-metrics scored on the same items. Resampling is vectorised in chunks of about `_CHUNK` drawn indices, so 10,000
-resamples of 100,000 items take ~64 MB at a time, and the result depends only on the seed, not on the chunk size.
+A bootstrap is right only if it resamples what is independent:
+  - items (`bootstrap_ci`, `paired_bootstrap`): the distances of pairs of distinct files (the command's `REF IMG...`
+    and `DIR0 DIR1` modes, `score_pairs`), 2AFC agreements per triplet
+    (`(d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5`, the official `score_2afc_dataset`), or the
+    per-group values of `lpips_jax.diversity` (each group is a unit);
+  - images (`all_pairs_bootstrap_ci`): the N(N-1)/2 distances among N images of one set share their images (each
+    is in N-1 pairs), so it is the images that are resampled, with the pairs they form.
+Resampling is vectorised in chunks of about `_CHUNK` drawn values at a time, and the result depends only on the
+seed, not on the chunk size.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from lpips_jax.errors import InputError
 
 _CHUNK = 1 << 22  # indices drawn at once: 32 MB of int64 plus 32 MB of gathered float64 values
 
@@ -35,7 +41,8 @@ def bootstrap_ci(values: ArrayLike, *, confidence: float = 0.95, resamples: int 
 
   Each of `resamples` resamples draws N items with replacement (numpy's `default_rng(seed)`); the interval spans
   the central `confidence` fraction of their means (`np.quantile`, linear interpolation). It assumes the items are
-  independent: resample whole units (e.g. per-image means) if items share a source.
+  independent; for the distances of all pairs of one image set, which share their images, use
+  `all_pairs_bootstrap_ci`.
 
   Args:
     values: finite numbers, N >= 1 (any shape is flattened), e.g. LPIPS distances or 2AFC agreements.
@@ -88,7 +95,7 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, re
   """
   x, y = _check("a", a), _check("b", b)
   if x.size != y.size:
-    raise ValueError(f"a and b must score the same items; got {x.size} and {y.size} values")
+    raise InputError(f"a and b must score the same items; got {x.size} and {y.size} values")
   level = _check_options(confidence, resamples)
   diff = x - y
   means = _resampled_means(diff, resamples, np.random.default_rng(seed))
@@ -96,6 +103,64 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, re
   tail = min(int(np.count_nonzero(means <= 0)), int(np.count_nonzero(means >= 0)))
   p_value = min(1.0, 2 * (tail + 1) / (resamples + 1))
   return PairedDifference(float(np.mean(diff)), float(low), float(high), p_value)
+
+
+def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
+                           seed: int = 0) -> Interval:
+  """The mean distance over all pairs of N images, with a percentile-bootstrap interval that resamples the images.
+
+  Each resample draws N images with replacement (counts c, numpy's `default_rng(seed)`); its statistic is the mean
+  over the pairs of distinct draws, `sum_{i != j} c_i c_j D_ij / sum_{i != j} c_i c_j` (two draws of one image are
+  not a pair; a resample of one image drawn N times has no pair and is left out). This is the interval of "the mean distance of images like these" (a U-statistic: its standard error
+  is about 2 sigma_1 / sqrt(N), sigma_1 the spread of each image's mean distance), several times wider than
+  resampling the pairs as if independent.
+
+  Args:
+    matrix: the symmetric [N, N] distances (`lpips_jax.pairwise(params, x)`, or `pairs_matrix` of the values in
+      pair order), N >= 2, finite off the diagonal; the diagonal is ignored.
+    confidence, resamples, seed: as in `bootstrap_ci`.
+
+  Returns:
+    `Interval(mean, low, high)`: `mean` is the plain mean over the N(N-1)/2 pairs.
+  """
+  d = np.asarray(matrix, np.float64)
+  if d.ndim != 2 or d.shape[0] != d.shape[1]:
+    raise InputError(f"matrix has shape {d.shape}; expected the square [N, N] matrix of distances (pairs_matrix "
+                     f"turns the values of all pairs, in pair order, into one)")
+  n = d.shape[0]
+  if n < 2:
+    raise InputError(f"matrix holds {n} image{'s' * (n != 1)}; the pairs of a set need at least 2 images")
+  d = d.copy()
+  np.fill_diagonal(d, 0.0)
+  _check("matrix", d)
+  if not np.array_equal(d, d.T):
+    i, j = np.argwhere(d != d.T)[0]
+    raise InputError(f"matrix is not symmetric (entry [{i}, {j}] is {d[i, j]}, entry [{j}, {i}] is {d[j, i]}); "
+                     f"pass the distances of one set with itself")
+  level = _check_options(confidence, resamples)
+  rng = np.random.default_rng(seed)
+  rows = max(1, _CHUNK // n)  # resamples per chunk: the counts [rows, N] and their product with D
+  stats = np.empty(resamples, np.float64)
+  for start in range(0, resamples, rows):
+    stop = min(start + rows, resamples)
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=stop - start).astype(np.float64)
+    total = np.einsum("ri,ri->r", counts @ d, counts)  # sum_{i != j} c_i c_j D_ij: the diagonal is 0
+    pairs = counts.sum(1) ** 2 - (counts * counts).sum(1)  # sum_{i != j} c_i c_j
+    stats[start:stop] = np.where(pairs > 0, total / np.maximum(pairs, 1), np.nan)
+  # A resample that drew one image N times holds no pair (probability N^(1-N): 1/9 for 3 images): left out.
+  low, high = np.nanquantile(stats, [(1 - level) / 2, (1 + level) / 2])
+  return Interval(float(d[np.triu_indices(n, 1)].mean()), float(low), float(high))
+
+
+def pairs_matrix(values: ArrayLike, n: int) -> np.ndarray:
+  """The symmetric [n, n] matrix (zero diagonal) of the distances of all pairs (i < j) of n images, given in
+  `itertools.combinations(range(n), 2)` order (the command's all-pairs rows)."""
+  v = np.asarray(values, np.float64).reshape(-1)
+  if v.size != n * (n - 1) // 2:
+    raise InputError(f"{v.size} values are not the pairs of {n} images, which are {n * (n - 1) // 2}")
+  out = np.zeros((n, n), np.float64)
+  out[np.triu_indices(n, 1)] = v
+  return out + out.T
 
 
 def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,17 +181,17 @@ def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) ->
 def _check(name: str, values: ArrayLike) -> np.ndarray:
   x = np.asarray(values, np.float64).reshape(-1)
   if x.size == 0:
-    raise ValueError(f"{name} is empty; a bootstrap needs at least one value")
+    raise InputError(f"{name} is empty; a bootstrap needs at least one value")
   bad = ~np.isfinite(x)
   if bad.any():
-    raise ValueError(f"{name} holds {np.count_nonzero(bad)} non-finite values (first at flat index "
+    raise InputError(f"{name} holds {np.count_nonzero(bad)} non-finite values (first at flat index "
                      f"{np.flatnonzero(bad)[0]}: {x[bad][0]}); drop or fix them first")
   return x
 
 
 def _check_options(confidence: float, resamples: int) -> float:
   if not 0 < confidence < 1:
-    raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
+    raise InputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
   if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
-    raise ValueError(f"resamples must be a positive integer, e.g. 10_000; got {resamples!r}")
+    raise InputError(f"resamples must be a positive integer, e.g. 10_000; got {resamples!r}")
   return float(confidence)

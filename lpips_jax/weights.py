@@ -24,7 +24,9 @@ from flax import traverse_util
 
 from lpips_jax.backbones import NETS, net_name
 from lpips_jax.files import atomic_write
-from lpips_jax.lpips import check_arrays, check_structure, scaling
+from lpips_jax.checks import check_arrays, check_structure
+from lpips_jax.errors import InputError
+from lpips_jax.layout import scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
 REINSTALL = "python -m pip install --force-reinstall jax-lpips"
@@ -42,12 +44,12 @@ def _read_manifest(path: Path) -> dict[str, dict[str, str]]:
   try:
     entries = json.loads(path.read_text())
   except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not JSON
-    raise ValueError(f"{path} is damaged or missing ({type(e).__name__}: {' '.join(str(e).split())}); "
+    raise InputError(f"{path} is damaged or missing ({type(e).__name__}: {' '.join(str(e).split())}); "
                      f"{fix}") from None
   fields = lambda e: isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("sha256", "source", "create"))
   if not (isinstance(entries, dict) and entries and all(fields(e) and re.fullmatch("[0-9a-f]{64}", e["sha256"])
                                                         for e in entries.values())):
-    raise ValueError(f"{path} is damaged (expected a table of weight files, each with its sha256, source and "
+    raise InputError(f"{path} is damaged (expected a table of weight files, each with its sha256, source and "
                      f"create command); {fix}")
   return entries
 
@@ -105,9 +107,9 @@ def _parse(data: bytes, path: Path, fix: str) -> dict:
   except Exception as e:  # safetensors raises its own error type for every malformed header or payload
     unknown = _numpy_less_dtypes(data)
     if unknown:
-      raise ValueError(f"{path}: tensor {unknown[0][0]} has dtype {unknown[0][1]}, which numpy cannot hold; LPIPS "
+      raise InputError(f"{path}: tensor {unknown[0][0]} has dtype {unknown[0][1]}, which numpy cannot hold; LPIPS "
                        f"weights are float32 arrays: {fix}") from None
-    raise ValueError(f"{path} is not a readable safetensors weights file ({e}); it may be truncated or "
+    raise InputError(f"{path} is not a readable safetensors weights file ({e}); it may be truncated or "
                      f"corrupt: {fix}") from None
   check_arrays(tree, prefix=f"{path}: tensor ", fix=fix)
   return tree
@@ -129,7 +131,7 @@ def read_pretrained(name: str) -> dict:
   """A file named in the manifest, found in the package or the user weights directory, checksum-verified."""
   entry = manifest().get(name)
   if entry is None:
-    raise ValueError(f"{PACKAGE_DIR / 'manifest.json'} has no entry for {name}: it is damaged; reinstall "
+    raise InputError(f"{PACKAGE_DIR / 'manifest.json'} has no entry for {name}: it is damaged; reinstall "
                      f"lpips-jax: {as_printed(REINSTALL)}")
   create = as_printed(entry["create"])
   candidates = [PACKAGE_DIR / name, user_dir() / name]
@@ -140,7 +142,7 @@ def read_pretrained(name: str) -> dict:
   data = path.read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != entry["sha256"]:
-    raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is corrupt, truncated or "
+    raise InputError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is corrupt, truncated or "
                      f"was modified. Delete it and recreate it with: {create}")
   return _parse(data, path, f"delete it and recreate it with: {create}")
 
@@ -157,11 +159,14 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
   Returns:
     A dict of float32 numpy arrays, to pass to `lpips_jax.distance`.
 
-  Raises a ValueError naming the file (and the key) for a file whose checksum differs from the manifest's, that is
-  not a readable safetensors file, that holds a tensor that is not real floating point (int, bool, complex) or not
+  Raises an InputError (a ValueError) naming the file (and the key) for a file whose checksum differs from the
+  manifest's, that is not a readable safetensors file, that holds a tensor that is not real floating point (int, bool, complex) or not
   finite (NaN, inf), or whose tensors do not fit the net's structure and shapes; a missing file is a
   FileNotFoundError with the command that creates it.
   """
+  if not isinstance(net, (str, os.PathLike)):
+    raise InputError(f"net must be a net name ({', '.join(map(repr, NETS))}) or the path of a .safetensors weights "
+                     f"file; got a {type(net).__name__} ({net!r:.60}): load one net at a time")
   if isinstance(net, os.PathLike) or str(net).endswith(".safetensors"):
     path = Path(net)
     if not path.is_file():
@@ -171,10 +176,10 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
     try:
       check_structure(params)
     except ValueError as e:
-      raise ValueError(f"{path}: {e}") from None
+      raise InputError(f"{path}: {e}") from None
     return params
   if isinstance(net, str) and (os.sep in net or net.endswith((".pth", ".pt", ".ckpt", ".npz", ".bin"))):
-    raise ValueError(f"load({net!r}): a weights path must be a .safetensors file; convert PyTorch files first "
+    raise InputError(f"load({net!r}): a weights path must be a .safetensors file; convert PyTorch files first "
                      f"(lpips-jax convert --help), or give a net name: {sorted(NETS)}")
   params = scaling(version)
   net = net_name(net)

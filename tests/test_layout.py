@@ -39,12 +39,21 @@ def test_user_modules_named_train_and_convert_neither_shadow_nor_are_shadowed(tm
   assert theirs.stdout.strip() == "the user's train the user's convert", theirs.stderr
 
 
-def test_the_package_exports_its_names_lazily_and_pairwise_stays_the_function():
-  # `import lpips_jax` does not import JAX; importing the submodule lpips_jax.pairwise (as the command does) must
-  # not rebind the exported function `lpips_jax.pairwise` to that module.
-  code = ("import sys, lpips_jax; assert 'jax' not in sys.modules; import lpips_jax.cli; "
-          "from lpips_jax.pairwise import pairwise; assert lpips_jax.pairwise is pairwise, lpips_jax.pairwise; "
+def test_the_package_exports_its_names_lazily_and_no_module_shares_a_public_name():
+  # `import lpips_jax` does not import JAX; the function `lpips_jax.pairwise` lives in the module
+  # lpips_jax.all_pairs, so importing the submodules (as the command does) rebinds nothing.
+  code = ("import sys, lpips_jax; assert 'jax' not in sys.modules; import lpips_jax.command; "
+          "from lpips_jax.all_pairs import pairwise; assert lpips_jax.pairwise is pairwise, lpips_jax.pairwise; "
           "from lpips_jax import pairwise as p; assert p is pairwise; print(sorted(lpips_jax.__all__))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
   assert out.returncode == 0, out.stderr
   assert "'distance'" in out.stdout and "'pairwise'" in out.stdout
+
+
+def test_every_python_m_form_runs_from_the_repository_root_too():
+  # There Python imports the source folder lpips_jax/, beside (not holding) convert/ and train/.
+  for job, usage in JOBS.items():
+    module = {"convert": "lpips_jax.convert", "train": "lpips_jax.train", "eval": "lpips_jax.train.eval_main"}[job]
+    for command in ([sys.executable, "-m", "lpips_jax", job, "--help"], [sys.executable, "-m", module, "--help"]):
+      result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+      assert result.returncode == 0 and result.stdout.startswith(usage), (command, result.stdout, result.stderr)

@@ -10,7 +10,7 @@ import torch
 import lpips_jax
 from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.backbones import NETS
-from lpips_jax.lpips import EPS, features, normalize_channels
+from lpips_jax.lpips import EPS, features, unit_normalize
 
 VARIANTS = [(net, version, lpips) for net in NETS for version in ("0.0", "0.1") for lpips in (True, False)]
 ids = lambda v: f"{v[0]}-v{v[1]}-{'lin' if v[2] else 'baseline'}"
@@ -84,18 +84,18 @@ def test_normalisation_equals_the_official_formula_and_has_finite_derivatives_at
   f = np.random.default_rng(0).normal(size=(2, 5, 5, 8)).astype(np.float32)
   f[0, 1, 2] = 0  # an all-zero feature vector, as ReLU leaves them
   f[1, 3, :, :] = 0
-  np.testing.assert_array_equal(normalize_channels(f), naive_normalize(f))  # forward: bit for bit
+  np.testing.assert_array_equal(unit_normalize(f), naive_normalize(f))  # forward: bit for bit
   zero = jnp.zeros((1, 1, 1, 4))
   tangent = jnp.ones_like(zero)
   assert np.isnan(jax.jvp(naive_normalize, (zero,), (tangent,))[1]).all()
   assert np.isnan(jax.grad(lambda f: naive_normalize(f).sum())(zero)).all()
-  _, jvp = jax.jvp(normalize_channels, (zero,), (tangent,))
+  _, jvp = jax.jvp(unit_normalize, (zero,), (tangent,))
   np.testing.assert_allclose(jvp, tangent / EPS)  # the exact derivative of f / (||f|| + eps) at f = 0
-  np.testing.assert_allclose(jax.grad(lambda f: normalize_channels(f).sum())(zero), np.full((1, 1, 1, 4), 1 / EPS))
-  for derivative in (jax.jacfwd(normalize_channels), jax.jacrev(normalize_channels),
-                     jax.hessian(lambda f: normalize_channels(f).sum())):
+  np.testing.assert_allclose(jax.grad(lambda f: unit_normalize(f).sum())(zero), np.full((1, 1, 1, 4), 1 / EPS))
+  for derivative in (jax.jacfwd(unit_normalize), jax.jacrev(unit_normalize),
+                     jax.hessian(lambda f: unit_normalize(f).sum())):
     assert np.all(np.isfinite(derivative(zero)))
-  assert np.all(np.isfinite(jax.jacfwd(normalize_channels)(jnp.asarray(f))))
+  assert np.all(np.isfinite(jax.jacfwd(unit_normalize)(jnp.asarray(f))))
 
 
 def spec_zero_vector_pair():
@@ -159,9 +159,10 @@ def test_derivatives_are_finite_where_the_official_formula_is_nan(case, make_off
 
 def raw_taps(params, x):
   """The trunk's taps before normalisation (the pipeline's first stage)."""
-  from lpips_jax.lpips import _taps, check_params
+  from lpips_jax.checks import check_params
+  from lpips_jax.lpips import trunk_taps
 
-  return _taps(check_params(params), params, x, False, None, None, False)
+  return trunk_taps(check_params(params), params, x, False, None, None, False)
 
 
 def test_some_cases_really_have_all_zero_feature_vectors():
@@ -170,24 +171,7 @@ def test_some_cases_really_have_all_zero_feature_vectors():
   assert all(count > 0 for count in found.values()), found
 
 
-# -- input checks -------------------------------------------------------------------------------------------------
-
-BAD_INPUTS = [
-    ("rank", np.zeros((64, 64, 3), np.float32), None, "add a batch axis"),
-    ("channels-first", np.zeros((1, 3, 64, 64), np.float32), None, "NHWC"),
-    ("grayscale", np.zeros((1, 64, 64, 1), np.float32), None, "repeat"),
-    ("four-channels", np.zeros((1, 64, 64, 4), np.float32), None, "4 channels"),
-    ("shapes-differ", np.zeros((1, 64, 64, 3), np.float32), np.zeros((1, 64, 65, 3), np.float32), "same shape"),
-    ("integer", np.zeros((1, 64, 64, 3), np.uint8), None, "127.5"),
-    ("range-0-255", np.full((1, 64, 64, 3), 200, np.float32), None, "outside the expected [-1, 1]"),
-]
-
-
-@pytest.mark.parametrize("name,a,b,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_inputs_raise_before_any_computation(name, a, b, message):
-  with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-    lpips_jax.distance(params_of("alex"), a, a if b is None else b)
-
+# -- input checks (the table of bad inputs: tests/test_boundary.py) -------------------------------------------------
 
 def test_normalize_flag_is_checked_against_the_range():
   a, b = images()

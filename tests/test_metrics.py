@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lpips_jax
-from lpips_jax.metrics import LPIPS, NNXLPIPSMetric
+from lpips_jax.metrics import LPIPSMetric, NNXLPIPSMetric
 
 SIZE = 32  # alex needs 31 pixels
 
@@ -40,11 +40,11 @@ def valid_distances():
 
 @jax.jit
 def eval_step(metric, params, a, b, mask):
-  return metric.merge(LPIPS.from_model_output(a, b, params=params, mask=mask))
+  return metric.merge(LPIPSMetric.from_model_output(a, b, params=params, mask=mask))
 
 
 def test_uneven_masked_batches_under_jit_give_the_mean_distance():
-  metric = LPIPS.empty()
+  metric = LPIPSMetric.empty()
   for a, b, mask in batches():
     if mask.dtype == bool:  # padding whose distance is NaN must still be left out exactly
       a, b = (np.where(mask[:, None, None, None], x, np.nan) for x in (a, b))
@@ -60,7 +60,7 @@ def test_sharded_batches_over_eight_devices_give_the_mean_distance():
   mesh = jax.make_mesh((8,), ("data",))
   data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
   params = jax.device_put(alex(), replicated)
-  metric, expected = jax.device_put(LPIPS.empty(), replicated), []
+  metric, expected = jax.device_put(LPIPSMetric.empty(), replicated), []
   for n, valid, seed in ((16, 11, 3), (16, 5, 4)):  # the last pairs of each batch are padding (zeros)
     a, b = pairs(n, seed)
     a[valid:], b[valid:] = 0, 0
@@ -81,20 +81,20 @@ def example_pairs(examples):
 def test_the_example_images_average_the_published_distances(example_pairs):
   # In [0, 1] with normalize=True, which must reach `distance` (without it the values are far off).
   p, ref = (x / 2 + 0.5 for x in example_pairs)
-  metric = LPIPS.from_model_output(p, ref, params=alex(), normalize=True)
+  metric = LPIPSMetric.from_model_output(p, ref, params=alex(), normalize=True)
   np.testing.assert_allclose(metric.compute(), (0.721881 + 0.137566) / 2, atol=1e-6)  # README / official values
   np.testing.assert_allclose(metric.std(), (0.721881 - 0.137566) / 2, atol=1e-6)
 
 
 def test_merge_is_associative_and_commutative_and_empty_is_its_identity():
   rng = np.random.default_rng(5)
-  x, y, z = (LPIPS.from_distances(rng.uniform(0, 1, n), rng.uniform(size=n) < 0.7) for n in (7, 1, 20))
+  x, y, z = (LPIPSMetric.from_distances(rng.uniform(0, 1, n), rng.uniform(size=n) < 0.7) for n in (7, 1, 20))
   orders = [x.merge(y).merge(z), x.merge(y.merge(z)), z.merge(x).merge(y), y.merge(z.merge(x))]
   for m in orders[1:]:
     for got, want in zip(jax.tree.leaves(m), jax.tree.leaves(orders[0])):
       np.testing.assert_allclose(got, want, rtol=1e-6)
   for m in (x, orders[0]):
-    assert m.merge(LPIPS.empty()) == m and LPIPS.empty().merge(m) == m  # exactly: adding zeros
+    assert m.merge(LPIPSMetric.empty()) == m and LPIPSMetric.empty().merge(m) == m  # exactly: adding zeros
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), x, y, z)  # as after jax.lax.all_gather
   for got, want in zip(jax.tree.leaves(stacked.reduce()), jax.tree.leaves(orders[0])):
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -103,7 +103,7 @@ def test_merge_is_associative_and_commutative_and_empty_is_its_identity():
 def test_from_distances_equals_numpy():
   d = np.random.default_rng(6).uniform(0, 1, 50)
   keep = np.arange(50) % 3 != 0
-  m = LPIPS.from_distances(d, keep.astype(np.float32))
+  m = LPIPSMetric.from_distances(d, keep.astype(np.float32))
   assert m.count == int(keep.sum())
   np.testing.assert_allclose([m.compute(), m.std(), m.std(ddof=1)],
                              [d[keep].mean(), d[keep].std(), d[keep].std(ddof=1)], rtol=1e-5)
@@ -112,23 +112,23 @@ def test_from_distances_equals_numpy():
 def test_empty_and_fully_masked_compute_nan():
   # Nothing counted: the mean is 0 / 0 = NaN (as clu.metrics.Average and nnx.metrics.Average), never 0, which
   # would read as "identical images".
-  for m in (LPIPS.empty(), LPIPS.from_distances(np.ones(3), np.zeros(3, bool))):
+  for m in (LPIPSMetric.empty(), LPIPSMetric.from_distances(np.ones(3), np.zeros(3, bool))):
     assert m.count == 0 and np.isnan(m.compute()) and np.isnan(m.std())
-  one = LPIPS.from_distances(np.array([0.3]))
+  one = LPIPSMetric.from_distances(np.array([0.3]))
   assert one.std() == 0 and np.isnan(one.std(ddof=1))  # the sample std needs two pairs
 
 
 def test_bad_shapes_raise():
   with pytest.raises(ValueError, match=r"mask must have shape \(3,\), one entry per pair; got \(2,\)"):
-    LPIPS.from_distances(np.zeros(3), np.ones(2, bool))
+    LPIPSMetric.from_distances(np.zeros(3), np.ones(2, bool))
   with pytest.raises(ValueError, match=r"distances must be a vector \[N\]; got shape \(2, 3\)"):
-    LPIPS.from_distances(np.zeros((2, 3)))
+    LPIPSMetric.from_distances(np.zeros((2, 3)))
   with pytest.raises(ValueError, match="same shape"):  # from lpips_jax.distance
-    LPIPS.from_model_output(np.zeros((2, SIZE, SIZE, 3)), np.zeros((3, SIZE, SIZE, 3)), params=alex())
+    LPIPSMetric.from_model_output(np.zeros((2, SIZE, SIZE, 3)), np.zeros((3, SIZE, SIZE, 3)), params=alex())
 
 
 def test_nnx_metric_agrees_eagerly_and_under_nnx_jit():
-  expected = LPIPS.empty()
+  expected = LPIPSMetric.empty()
   for a, b, mask in batches():
     expected = eval_step(expected, alex(), a, b, mask)
   eager = NNXLPIPSMetric()
@@ -165,7 +165,7 @@ def test_in_a_clu_collection_and_gathered_over_eight_devices():
 
   @flax.struct.dataclass
   class Metrics(clu_metrics.Collection):
-    lpips: LPIPS
+    lpips: LPIPSMetric
     loss: clu_metrics.Average.from_output("loss")
 
   a, b, mask = batches()[0]
@@ -177,7 +177,7 @@ def test_in_a_clu_collection_and_gathered_over_eight_devices():
   np.testing.assert_allclose(values["lpips"], np.mean(valid_distances()[:4]), atol=1e-6)
   np.testing.assert_allclose(values["loss"], np.mean(loss[mask == 1]), rtol=1e-6)  # the mask reached it too
 
-  # Each of 8 devices scores its shard; gather_from_model_output all-gathers and reduces (LPIPS.reduce).
+  # Each of 8 devices scores its shard; gather_from_model_output all-gathers and reduces (LPIPSMetric.reduce).
   mesh = jax.make_mesh((8,), ("data",))
   spec = PartitionSpec("data")
   a, b, mask = (jax.device_put(x, NamedSharding(mesh, spec)) for x in batches()[1])

@@ -1,15 +1,13 @@
 """`pairwise` and `diversity` equal `lpips_jax.distance` on every pair, for every variant, on 8 fake CPU devices."""
 import functools
-import importlib
 
 import jax
 import numpy as np
 import pytest
 
 import lpips_jax
-from lpips_jax.pairwise import diversity, pairwise
-
-pairwise_module = importlib.import_module("lpips_jax.pairwise")
+from lpips_jax import all_pairs as all_pairs_module
+from lpips_jax.all_pairs import diversity, pairwise
 
 # (net, version, lpips): every net with both weight versions and the uncalibrated baseline.
 VARIANTS = [(net, version, lpips) for net in ("alex", "vgg", "squeeze")
@@ -84,7 +82,7 @@ def test_near_duplicates_are_recomputed_to_relative_precision(monkeypatch):
   want, (i, j), _ = upper_and_all_pairs(params, x, x[:0])
   error = lambda d: np.abs(d[i, j] - want) / want
   assert error(pairwise(params, x)).max() < 1e-3  # ~1e-5 at 1e-3 noise; below, the features' own rounding shows
-  monkeypatch.setattr(pairwise_module, "RECOMPUTE", 0.0)  # without the recomputation: cancellation
+  monkeypatch.setattr(all_pairs_module, "RECOMPUTE", 0.0)  # without the recomputation: cancellation
   assert error(pairwise(params, x)).max() > 1e-1
 
 

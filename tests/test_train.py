@@ -409,7 +409,7 @@ def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(syntheti
 
   # The exported metric loads with lpips_jax.load and `lpips-jax eval` gives it the logged score.
   weights = tmp_path / "float32" / "lpips.safetensors"
-  assert lpips_jax.lpips.check_params(lpips_jax.load(weights)).net == "alex"
+  assert lpips_jax.checks.check_params(lpips_jax.load(weights)).net == "alex"
   scores = eval_command.main(["--weights", str(weights), "--dataroot", str(root), "--datasets", "val/synthetic"])
   assert 100 * scores["val/synthetic"] == pytest.approx(final["float32"], abs=0.05)
   assert (tmp_path / "float32" / "training.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,7 @@ import safetensors.numpy
 import lpips_jax
 from lpips_jax import weights
 from lpips_jax.backbones import NETS
-from lpips_jax.lpips import check_params
+from lpips_jax.checks import check_params
 
 README = Path(__file__).resolve().parents[1] / "weights" / "README.md"
 

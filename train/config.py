@@ -22,7 +22,7 @@ import typing
 import jax.numpy as jnp
 
 from lpips_jax.backbones import NETS
-from lpips_jax.lpips import VERSIONS
+from lpips_jax.layout import VERSIONS
 
 # docs/official.md §3.1: frozen pretrained trunk / pretrained trunk trained / random trunk.
 MODES = ("lin", "tune", "scratch")

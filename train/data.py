@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 from lpips_jax.files import read_image
-from lpips_jax.lpips import check_positive_int
+from lpips_jax.checks import check_positive_int
+from lpips_jax.errors import InputError
 from lpips_jax.scoring import prefetch as prefetch  # the one background producer (re-exported for train.py)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")  # the official IMG_EXTENSIONS, any case
@@ -55,17 +56,17 @@ def _aligned(root: Path, folders: dict[str, tuple[str, ...]]) -> dict[str, list[
   files = {name: _files(root / name, suffixes) for name, suffixes in folders.items()}
   counts = {name: len(paths) for name, paths in files.items()}
   if len(set(counts.values())) != 1:
-    raise ValueError(f"{root}: the folders hold different numbers of files: " + ", ".join(
+    raise InputError(f"{root}: the folders hold different numbers of files: " + ", ".join(
         f"{name}/ {n}" for name, n in counts.items()) + "; each example needs one file in every folder")
   if not next(iter(counts.values())):
-    raise ValueError(f"{root}: no files found in {'/, '.join(folders)}/ (images {IMAGE_SUFFIXES}, judgments .npy)")
+    raise InputError(f"{root}: no files found in {'/, '.join(folders)}/ (images {IMAGE_SUFFIXES}, judgments .npy)")
   stems = {name: [p.relative_to(root / name).with_suffix("").as_posix() for p in paths]
            for name, paths in files.items()}
   first = next(iter(stems))
   for name, names in stems.items():
     for i, (a, b) in enumerate(zip(stems[first], names)):
       if a != b:
-        raise ValueError(f"{root}: file {i} of {first}/ is {a!r} but of {name}/ is {b!r}; examples are aligned "
+        raise InputError(f"{root}: file {i} of {first}/ is {a!r} but of {name}/ is {b!r}; examples are aligned "
                          f"by sorted name, so every folder must hold the same names")
   return files
 
@@ -81,17 +82,17 @@ def _judgment(path: Path) -> float:
     value = np.load(path, allow_pickle=False)  # never unpickle: a pickle can run code
   except Exception as e:  # numpy raises ValueError, EOFError or OSError for pickled, text and truncated files
     detail = "pickled or text data" if "pickled" in str(e) else " ".join(str(e).split()) or type(e).__name__
-    raise ValueError(f"{path}: not a numpy array file ({detail}); {what}: write it again") from None
+    raise InputError(f"{path}: not a numpy array file ({detail}); {what}: write it again") from None
   if not isinstance(value, np.ndarray):
     value.close()
-    raise ValueError(f"{path}: an .npz archive, not a numpy array file; {what}: write it again")
+    raise InputError(f"{path}: an .npz archive, not a numpy array file; {what}: write it again")
   if value.dtype.kind not in "biuf":
-    raise ValueError(f"{path} holds a {value.dtype} array; {what}")
+    raise InputError(f"{path} holds a {value.dtype} array; {what}")
   if value.size != 1:
-    raise ValueError(f"{path} holds an array of shape {value.shape}; {what}")
+    raise InputError(f"{path} holds an array of shape {value.shape}; {what}")
   number = float(value.reshape(()))
   if not 0 <= number <= 1:  # NaN too
-    raise ValueError(f"{path} holds {number}; a judgment is the fraction of people who chose p1 (2AFC) or saw no "
+    raise InputError(f"{path} holds {number}; a judgment is the fraction of people who chose p1 (2AFC) or saw no "
                      f"difference (JND): a number in [0, 1]")
   return number
 
@@ -118,10 +119,10 @@ def read_jnd(roots: Sequence[str | os.PathLike]) -> JND:
 def _roots(roots: Sequence[str | os.PathLike], kind: str) -> list[Path]:
   example = "dataset/2afc/val/cnn" if kind == "2afc" else "dataset/jnd/val/cnn"
   if isinstance(roots, (str, bytes, os.PathLike)):
-    raise ValueError(f"pass a list of {kind.upper()} set folders, e.g. [{os.fsdecode(roots)!r}], not one path")
+    raise InputError(f"pass a list of {kind.upper()} set folders, e.g. [{os.fsdecode(roots)!r}], not one path")
   roots = [Path(root) for root in roots]
   if not roots:
-    raise ValueError(f"no {kind.upper()} sets given: at least one set folder is needed (e.g. {example})")
+    raise InputError(f"no {kind.upper()} sets given: at least one set folder is needed (e.g. {example})")
   return roots
 
 
@@ -158,22 +159,22 @@ def _check_one_size(images: dict[str, list[np.ndarray]], paths: dict[str, list[s
     return
   (path, (h, w, _)), other = odd[0], next(path for path, shape in named if shape == common)
   if common == square:
-    raise ValueError(f"{path} is not square (its shorter side resized to {LOAD_SIZE}: {w}x{h}), but the other "
+    raise InputError(f"{path} is not square (its shorter side resized to {LOAD_SIZE}: {w}x{h}), but the other "
                      f"images of its batch are {LOAD_SIZE}x{LOAD_SIZE} (e.g. {other}) and a batch stacks images of "
                      f"one size: crop it to a square, as BAPPS patches are")
-  raise ValueError(f"{path} is {w}x{h} after resizing, but {other} of the same batch is {common[1]}x{common[0]}; a "
+  raise InputError(f"{path} is {w}x{h} after resizing, but {other} of the same batch is {common[1]}x{common[0]}; a "
                    f"batch stacks images of one size: resize the set's images to one size")
 
 
 def batches(data: TwoAFC | JND, order: Sequence[int], batch_size: int, *, pad_to: int | None = None,
             pool: ThreadPoolExecutor | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of `data` in `order`: dicts of f32 arrays, images [B, 64, 64, 3] (`ref`, `p0`, `p1` or `p0`, `p1`),
-  `judge` or `same` [B], and `weight` [B] (1 for examples, 0 for padding). Every batch is padded to `pad_to`
-  (default `batch_size`) with zero images, so all steps have one shape; the last may hold fewer examples."""
+  """Batches of `data` in `order`: dicts of f32 arrays, images [B, H, W, 3] (`ref`, `p0`, `p1` or `p0`, `p1`),
+  `judge` or `same` [B], and `weight` [B] (1 for examples, 0 for padding). With `pad_to`, every batch is padded to
+  that many rows with zero images, so all steps have one shape (training); without it, the last batch is short
+  (evaluation: the engine pads for the devices itself)."""
   batch_size = check_positive_int(batch_size, "batch_size")
-  pad_to = pad_to or batch_size
-  if pad_to < batch_size:
-    raise ValueError(f"pad_to ({pad_to}) must be at least batch_size ({batch_size})")
+  if pad_to is not None and pad_to < batch_size:
+    raise InputError(f"pad_to ({pad_to}) must be at least batch_size ({batch_size})")
   image_keys = ("ref", "p0", "p1") if isinstance(data, TwoAFC) else ("p0", "p1")
   label_key = "judge" if isinstance(data, TwoAFC) else "same"
   labels = getattr(data, label_key)
@@ -181,12 +182,13 @@ def batches(data: TwoAFC | JND, order: Sequence[int], batch_size: int, *, pad_to
   for start in range(0, len(order), batch_size):
     index = np.asarray(order[start:start + batch_size])
     n = len(index)
+    rows = n if pad_to is None else pad_to
     paths = {key: [getattr(data, key)[i] for i in index] for key in image_keys}
     images = {key: list(load(load_image, paths[key])) for key in image_keys}
     _check_one_size(images, paths)
     batch = {}
     for key in image_keys:
-      batch[key] = np.concatenate([np.stack(images[key]), np.zeros((pad_to - n, *images[key][0].shape), np.float32)])
-    batch[label_key] = np.concatenate([labels[index], np.zeros(pad_to - n, np.float32)])
-    batch["weight"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad_to - n, np.float32)])
+      batch[key] = np.concatenate([np.stack(images[key]), np.zeros((rows - n, *images[key][0].shape), np.float32)])
+    batch[label_key] = np.concatenate([labels[index], np.zeros(rows - n, np.float32)])
+    batch["weight"] = np.concatenate([np.ones(n, np.float32), np.zeros(rows - n, np.float32)])
     yield batch

@@ -22,7 +22,7 @@ import numpy as np
 
 from lpips_jax.backbones import NETS
 from lpips_jax.files import atomic_write, bombs_are_errors
-from lpips_jax.lpips import VERSIONS
+from lpips_jax.layout import VERSIONS
 from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND
 from lpips_jax.train.main import Parser, exit_interrupted
 

