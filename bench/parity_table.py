@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import lpips_jax  # noqa: E402
 from conftest import load_image, official_model  # noqa: E402
+from test_parity import NETS, OPTIONS, SIZES, VERSIONS, largest_error, official_distance, pair_images, random_trunk_pair  # noqa: E402
+
+import lpips_jax  # noqa: E402
 from lpips_jax.convert.convert import to_lpips_state_dict  # noqa: E402
-from test_parity import (NETS, OPTIONS, SIZES, VERSIONS, largest_error, official_distance, pair_images,  # noqa: E402
-                         random_trunk_pair)
 
 
 def main():

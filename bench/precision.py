@@ -1,8 +1,8 @@
 """bfloat16 (and float16) trunks against float32: the README's mixed-precision table.
 
-Largest relative error of the distance on the example images and on 256 triplets (512 pairs) of real photographs (patches of
-scikit-image's bundled images with traditional distortions, tests/test_precision.py), and the fraction of 2AFC
-decisions (which distortion is closer to the reference) that agree with float32.
+Largest relative error of the distance on the example images and on 256 triplets (512 pairs) of real photographs
+(patches of scikit-image's bundled images with traditional distortions, tests/test_precision.py), and the fraction of
+2AFC decisions (which distortion is closer to the reference) that agree with float32.
 Run: python bench/precision.py
 """
 import sys
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import lpips_jax  # noqa: E402
 from conftest import load_image  # noqa: E402
 from test_precision import triplets  # noqa: E402
+
+import lpips_jax  # noqa: E402
 
 
 def main():

@@ -17,8 +17,9 @@ import torch
 
 from bench import import_official, interleaved, timed  # bench/bench.py (this script's folder is on sys.path)
 from lpips_jax.convert.convert import to_lpips_state_dict
+from lpips_jax.scoring import local_mesh
 from lpips_jax.train.model import init_params
-from lpips_jax.train.train import init_state, local_mesh, lr_schedule, make_optimizer, make_train_step
+from lpips_jax.train.train import init_state, lr_schedule, make_optimizer, make_train_step
 
 
 def batch_of(n: int, size: int = 64, seed: int = 0) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from lpips_jax import runner
 from lpips_jax.convert import convert
-from lpips_jax.layout import VERSIONS
 from lpips_jax.files import atomic_write
+from lpips_jax.layout import VERSIONS
 from lpips_jax.weights import as_printed, manifest, save, serialize, trunk_file, user_dir
 
 PROG = "lpips-jax convert"

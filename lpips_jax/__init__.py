@@ -27,9 +27,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
   from lpips_jax import metrics, stats
+  from lpips_jax.all_pairs import diversity, pairwise
   from lpips_jax.lpips import distance, distance_from_features, features
   from lpips_jax.modules import LPIPS, NNXLPIPS
-  from lpips_jax.all_pairs import diversity, pairwise
   from lpips_jax.scoring import score_pairs
   from lpips_jax.weights import load
 

@@ -14,8 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.checks import check_batch, check_mesh, check_nonnegative_int, check_params, check_positive_int
-from lpips_jax.checks import params_variant
+from lpips_jax.checks import (
+  check_batch,
+  check_mesh,
+  check_nonnegative_int,
+  check_params,
+  check_positive_int,
+  params_variant,
+)
 from lpips_jax.errors import InputError
 from lpips_jax.lpips import distance_from_features, features
 from lpips_jax.scoring import local_mesh, padded_batch_size
@@ -179,7 +185,7 @@ def _checked(x, name: str, net: str, normalize: bool) -> np.ndarray:
   return x
 
 
-def _tile(run: "_Functions", params, row, col, n: int, m: int, *, diagonal: bool) -> np.ndarray:
+def _tile(run: _Functions, params, row, col, n: int, m: int, *, diagonal: bool) -> np.ndarray:
   """The [n, m] distances of a row tile's and a column tile's (features, self terms); on the diagonal of the
   symmetric matrix, the upper triangle mirrored, with a zero diagonal."""
   d = np.array(run.block(params, *row, *col))[:n, :m]

@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
   spelled with underscores (`--batch_size` for `--batch-size`): the spelling of older READMEs and scripts."""
 
   def error(self, message):
-    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
   def parse_known_args(self, args=None, namespace=None):
     args = sys.argv[1:] if args is None else list(args)

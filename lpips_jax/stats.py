@@ -111,9 +111,9 @@ def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resam
 
   Each resample draws N images with replacement (counts c, numpy's `default_rng(seed)`); its statistic is the mean
   over the pairs of distinct draws, `sum_{i != j} c_i c_j D_ij / sum_{i != j} c_i c_j` (two draws of one image are
-  not a pair; a resample of one image drawn N times has no pair and is left out). This is the interval of "the mean distance of images like these" (a U-statistic: its standard error
-  is about 2 sigma_1 / sqrt(N), sigma_1 the spread of each image's mean distance), several times wider than
-  resampling the pairs as if independent.
+  not a pair; a resample of one image drawn N times has no pair and is left out). This is the interval of "the
+  mean distance of images like these" (a U-statistic: its standard error is about 2 sigma_1 / sqrt(N), sigma_1 the
+  spread of each image's mean distance), several times wider than resampling the pairs as if independent.
 
   Args:
     matrix: the symmetric [N, N] distances (`lpips_jax.pairwise(params, x)`, or `pairs_matrix` of the values in

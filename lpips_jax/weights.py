@@ -23,9 +23,9 @@ import safetensors.numpy
 from flax import traverse_util
 
 from lpips_jax.backbones import NETS, net_name
-from lpips_jax.files import atomic_write
 from lpips_jax.checks import check_arrays, check_structure
 from lpips_jax.errors import InputError
+from lpips_jax.files import atomic_write
 from lpips_jax.layout import scaling
 
 PACKAGE_DIR = Path(__file__).parent / "weights"
@@ -160,9 +160,9 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
     A dict of float32 numpy arrays, to pass to `lpips_jax.distance`.
 
   Raises an InputError (a ValueError) naming the file (and the key) for a file whose checksum differs from the
-  manifest's, that is not a readable safetensors file, that holds a tensor that is not real floating point (int, bool, complex) or not
-  finite (NaN, inf), or whose tensors do not fit the net's structure and shapes; a missing file is a
-  FileNotFoundError with the command that creates it.
+  manifest's, that is not a readable safetensors file, that holds a tensor that is not real floating point (int,
+  bool, complex) or not finite (NaN, inf), or whose tensors do not fit the net's structure and shapes; a missing
+  file is a FileNotFoundError with the command that creates it.
   """
   if not isinstance(net, (str, os.PathLike)):
     raise InputError(f"net must be a net name ({', '.join(map(repr, NETS))}) or the path of a .safetensors weights "

@@ -32,8 +32,8 @@ def import_official_lpips():
     package = types.ModuleType("torchvision")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["torchvision"] = package
-  import torchvision.models  # noqa: F401
   import lpips
+  import torchvision.models  # noqa: F401
 
   return lpips
 

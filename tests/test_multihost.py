@@ -1,4 +1,5 @@
-"""Two processes under jax.distributed (CPU, gloo) score a split set of pairs: each pair once, results as one process."""
+"""Two processes under jax.distributed (CPU, gloo) score a split set of pairs: each pair once, results as one
+process."""
 import json
 import os
 import socket

@@ -1,29 +1,15 @@
 """bfloat16 trunks keep LPIPS's decisions: 2AFC choices on real photographs agree with float32."""
-import io
-
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 
 import lpips_jax
+from lpips_jax.train.synthetic import distort
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
 
 
-def distort(patch: np.ndarray, kind: int, rng: np.random.Generator) -> np.ndarray:
-  """A traditional distortion of a uint8 patch: noise, blur, JPEG, contrast or colour shift."""
-  image = Image.fromarray(patch)
-  if kind == 0:
-    return np.clip(patch + rng.normal(0, rng.uniform(5, 40), patch.shape), 0, 255).astype(np.uint8)
-  if kind == 1:
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5))))
-  if kind == 2:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(rng.integers(5, 40)))
-    return np.asarray(Image.open(buffer).convert("RGB"))
-  if kind == 3:
-    return np.clip((patch - 128.0) * rng.uniform(0.4, 1.6) + 128, 0, 255).astype(np.uint8)
-  return np.clip(patch + rng.uniform(-40, 40, 3), 0, 255).astype(np.uint8)
+# The distortions of these triplets (those of the synthetic training set, milder and without pixelation).
+STRENGTHS = {"noise": (5, 40), "blur": (0.5, 2.5), "jpeg": (5, 40), "contrast": (0.4, 1.6), "colour": (-40, 40)}
 
 
 def triplets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,8 +24,8 @@ def triplets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     y, x = rng.integers(0, photo.shape[0] - 64), rng.integers(0, photo.shape[1] - 64)
     patch = photo[y:y + 64, x:x + 64, :3]
     ref.append(patch)
-    p0.append(distort(patch, int(rng.integers(5)), rng))
-    p1.append(distort(patch, int(rng.integers(5)), rng))
+    p0.append(distort(patch, list(STRENGTHS)[int(rng.integers(5))], rng, STRENGTHS))
+    p1.append(distort(patch, list(STRENGTHS)[int(rng.integers(5))], rng, STRENGTHS))
   return tuple(np.stack(v).astype(np.float32) / 127.5 - 1 for v in (ref, p0, p1))
 
 

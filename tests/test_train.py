@@ -22,8 +22,19 @@ import lpips_jax
 from lpips_jax.convert.convert import to_lpips_state_dict
 from lpips_jax.train.config import get_config
 from lpips_jax.train.model import init_params, init_trunk, loss_fn
-from lpips_jax.train.train import (LOSS_SCALE_PERIOD, check_finite, freeze, init_state, lr_schedule, make_optimizer,
-                                   make_train_step, nonneg_mask, train_record, train_step, trainable_labels)
+from lpips_jax.train.train import (
+  LOSS_SCALE_PERIOD,
+  check_finite,
+  freeze,
+  init_state,
+  lr_schedule,
+  make_optimizer,
+  make_train_step,
+  nonneg_mask,
+  train_record,
+  train_step,
+  trainable_labels,
+)
 
 OUTSIDE = tempfile.gettempdir()
 
@@ -44,7 +55,8 @@ def example_batch(examples):
 def official_trainer(official, params, mode):
   """The official `lpips.Trainer` in training mode, holding `params` (trunk, heads, ranking head), dropout off."""
   trainer = official.Trainer()
-  trainer.initialize(model="lpips", net=lpips_jax.lpips.variant(params["lpips"]).net, use_gpu=False, is_train=True,
+  net = lpips_jax.checks.params_variant(params["lpips"]).net
+  trainer.initialize(model="lpips", net=net, use_gpu=False, is_train=True,
                      pnet_rand=True, pnet_tune=mode != "lin")
   state = to_lpips_state_dict(jax.tree.map(np.asarray, params["lpips"]))
   trainer.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
@@ -270,20 +282,20 @@ BAD_SETTINGS = [  # (settings, the error): every numeric flag out of its range, 
     ({"eps": 0.0}, "--eps must be a positive number, got 0.0"),
     ({"b1": 1.0}, "--b1 must be in [0, 1), got 1.0"),
     ({"b2": -0.5}, "--b2 must be in [0, 1), got -0.5"),
-    ({"batch_size": 0}, "--batch_size must be at least 1, got 0"),
-    ({"batch_size": 2.5}, "--batch_size must be an integer, got 2.5"),
-    ({"eval_batch_size": -1}, "--eval_batch_size must be at least 1, got -1"),
-    ({"log_every": 0}, "--log_every must be at least 1, got 0"),
-    ({"checkpoint_every": 0}, "--checkpoint_every must be at least 1, got 0"),
-    ({"keep_checkpoints": 0}, "--keep_checkpoints must be at least 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"batch_size": 2.5}, "--batch-size must be an integer, got 2.5"),
+    ({"eval_batch_size": -1}, "--eval-batch-size must be at least 1, got -1"),
+    ({"log_every": 0}, "--log-every must be at least 1, got 0"),
+    ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1, got 0"),
+    ({"keep_checkpoints": 0}, "--keep-checkpoints must be at least 1, got 0"),
     ({"workers": 0}, "--workers must be at least 1, got 0"),
     ({"prefetch": 0}, "--prefetch must be at least 1, got 0"),
-    ({"epochs": -1}, "--epochs -1 --epochs_decay 5: each must be at least 0 and together at least 1"),
-    ({"epochs": 0, "epochs_decay": 0}, "--epochs 0 --epochs_decay 0: each must be at least 0 and together at least 1"),
+    ({"epochs": -1}, "--epochs -1 --epochs-decay 5: each must be at least 0 and together at least 1"),
+    ({"epochs": 0, "epochs_decay": 0}, "--epochs 0 --epochs-decay 0: each must be at least 0 and together at least 1"),
     ({"seed": -1}, "--seed must be in [0, 2**32), got -1"),
     ({"seed": 2 ** 32}, "--seed must be in [0, 2**32), got 4294967296"),  # PRNGKey(2**32) is PRNGKey(0)
     ({"datasets": ()}, "--datasets names no set; give at least one set under --dataroot to train on"),
-    ({"mode": "scratch", "heads_init": "pretrained"}, "--heads_init pretrained needs the pretrained trunk"),
+    ({"mode": "scratch", "heads_init": "pretrained"}, "--heads-init pretrained needs the pretrained trunk"),
 ]
 
 
@@ -312,7 +324,8 @@ def test_command_line_errors_are_one_line(capsys):
 def test_the_plot_and_the_log_are_replaced_atomically(tmp_path, monkeypatch):
   import matplotlib.figure
 
-  from lpips_jax.train.train import _truncate_log, plot
+  from lpips_jax.train.checkpoints import truncate_log
+  from lpips_jax.train.train import plot
 
   log = tmp_path / "log.jsonl"
   evals = [{"kind": "eval", "step": s, "val": val, "val_mean": 0.6} for s, val in
@@ -334,13 +347,13 @@ def test_the_plot_and_the_log_are_replaced_atomically(tmp_path, monkeypatch):
 
   # Resuming at step 10 keeps the records up to it; a last line torn by a kill is dropped.
   log.write_text(log.read_text() + '{"kind": "train", "st')
-  _truncate_log(log, 10)
+  truncate_log(log, 10)
   kept = [json.loads(line) for line in log.read_text().splitlines()]
   assert [r["step"] for r in kept] == [0, *range(1, 7), 6, *range(7, 11)]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "training.png"]  # no temporary files left
   log.write_text(log.read_text().replace('"step": 3,', '"step": 3'))  # damaged inside: a record is lost
   with pytest.raises(ValueError, match=f"^{log}, line 4, is not a JSON record; repair or delete that line"):
-    _truncate_log(log, 10)
+    truncate_log(log, 10)
 
 
 def test_every_flag_says_what_it_sets_and_its_default(capsys):
@@ -410,7 +423,8 @@ def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(syntheti
   # The exported metric loads with lpips_jax.load and `lpips-jax eval` gives it the logged score.
   weights = tmp_path / "float32" / "lpips.safetensors"
   assert lpips_jax.checks.check_params(lpips_jax.load(weights)).net == "alex"
-  scores = eval_command.main(["--weights", str(weights), "--dataroot", str(root), "--datasets", "val/synthetic"])
+  scores = eval_command.eval_command(["--weights", str(weights), "--dataroot", str(root), "--datasets",
+                                      "val/synthetic"])
   assert 100 * scores["val/synthetic"] == pytest.approx(final["float32"], abs=0.05)
   assert (tmp_path / "float32" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -528,7 +542,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(finishe
   assert (work / "log.jsonl").read_bytes() == log and not (work / "damaged").exists()
 
 
-def test_resuming_with_other_settings_is_refused_naming_each_one(synthetic, finished, tmp_path):
+def test_resuming_with_other_settings_is_refused_naming_each_one(synthetic, finished, tmp_path, capsys):
   from lpips_jax.train.main import main
 
   run, args = finished
@@ -543,21 +557,19 @@ def test_resuming_with_other_settings_is_refused_naming_each_one(synthetic, fini
                        (["--net", "squeeze", "--version", "0.0"], "--net alex (now squeeze), --version 0.1 (now 0.0)"),
                        (["--mode", "tune"], "--mode lin (now tune)"),  # the issue's `--mode tune` traceback
                        (["--batch_size", "20", "--seed", "1", "--no-dropout"],
-                        "--batch_size 10 (now 20), --dropout True (now False), --seed 0 (now 1)")):
-    with pytest.raises(SystemExit) as caught:
-      main([*base, *flags])
-    assert str(caught.value) == refused.format(work, named)
+                        "--batch-size 10 (now 20), --dropout True (now False), --seed 0 (now 1)")):
+    assert main([*base, *flags]) == 1
+    assert capsys.readouterr().err == refused.format(work, named) + "\n"
 
   first_triplets(synthetic[0], tmp_path / "fewer", 50)  # the same set name under another --dataroot
-  with pytest.raises(SystemExit) as caught:
-    main([*base, "--dataroot", str(tmp_path / "fewer")])
-  assert str(caught.value) == (f"lpips-jax train: error: cannot resume {work}: its run trained on 60 examples, and "
-                               f"--datasets under --dataroot now hold 50; resume with the run's data, or train on the "
-                               f"new data in another --workdir")
-  with pytest.raises(SystemExit) as caught:
-    main([*base, "--epochs", "0"])
-  assert str(caught.value) == (f"lpips-jax train: error: cannot resume {work} at step 12: --epochs 0 --epochs_decay 1 "
-                               f"end the run at step 6; ask for at least the 2 epochs it has trained")
+  assert main([*base, "--dataroot", str(tmp_path / "fewer")]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax train: error: cannot resume {work}: its run trained on 60 examples, "
+                                     f"and --datasets under --dataroot now hold 50; resume with the run's data, or "
+                                     f"train on the new data in another --workdir\n")
+  assert main([*base, "--epochs", "0"]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax train: error: cannot resume {work} at step 12: --epochs 0 "
+                                     f"--epochs-decay 1 end the run at step 6; ask for at least the 2 epochs it has "
+                                     f"trained\n")
   assert files() == before  # refused before anything was touched
 
 
@@ -566,7 +578,7 @@ def test_resuming_with_more_epochs_continues_and_records_the_change(finished, tm
   work = copy_run(run, tmp_path / "run")
   out = command([*args, "--workdir", work, "--resume", "--epochs", 2, "--log_every", 3])
   assert out == (f"lpips-jax train: note: resuming {work} at step 12 with changed settings: --epochs 1 -> 2, "
-                 f"--log_every 1 -> 3 (recorded in log.jsonl)\n")
+                 f"--log-every 1 -> 3 (recorded in log.jsonl)\n")
   assert records(work, "resume") == [{"kind": "resume", "step": 12, "changed": {"epochs": [1, 2], "log_every": [1, 3]},
                                       "damaged": []}]
   train = records(work, "train")

@@ -111,7 +111,7 @@ def test_trained_weights_round_trip_and_wrong_shapes_name_the_key(tmp_path):
 
 
 def test_the_manifest_names_a_source_and_licence_for_every_file():
-  for name, entry in weights.manifest().items():
+  for entry in weights.manifest().values():
     assert set(entry) == {"sha256", "source", "create"}
     assert "licence: " in entry["source"] and "BSD" in entry["source"]
   assert json.loads((weights.PACKAGE_DIR / "manifest.json").read_text()) == weights.manifest()

@@ -1,5 +1,5 @@
-import sys
-
+"""`python -m lpips_jax.train`: `lpips-jax train`."""
+from lpips_jax import runner
 from lpips_jax.train.main import main
 
-sys.exit(main())
+runner.exit(main())

@@ -22,6 +22,7 @@ import typing
 import jax.numpy as jnp
 
 from lpips_jax.backbones import NETS
+from lpips_jax.errors import InputError
 from lpips_jax.layout import VERSIONS
 
 # docs/official.md §3.1: frozen pretrained trunk / pretrained trunk trained / random trunk.
@@ -88,24 +89,29 @@ SEEDS = 2 ** 32  # jax.random.PRNGKey(seed) keeps the low 32 bits: seed 2**32 wo
 
 
 def get_config(**overrides) -> Config:
-  """The reference configuration, with `overrides` (field=value) applied and checked: each bad value is a
-  ValueError naming its flag (`--name`, the field's name) and the valid range."""
+  """The reference configuration, with `overrides` (field=value) applied and checked: each bad value is
+  an InputError (a ValueError) naming its flag (`--epochs-decay` for the field `epochs_decay`) and the valid range."""
   config = dataclasses.replace(Config(), **overrides)
   for name, valid in CHOICES.items():
     if getattr(config, name) not in valid:
-      raise ValueError(f"unknown --{name} {getattr(config, name)!r}; choose one of {list(valid)}")
+      raise InputError(f"unknown {flag(name)} {getattr(config, name)!r}; choose one of {list(valid)}")
   _check_numbers(config)
   if not config.datasets:
-    raise ValueError("--datasets names no set; give at least one set under --dataroot to train on "
+    raise InputError("--datasets names no set; give at least one set under --dataroot to train on "
                      f"(default: {' '.join(Config.datasets)})")
   if config.mode == "scratch" and config.heads_init == "pretrained":
-    raise ValueError("--heads_init pretrained needs the pretrained trunk; use --mode lin or tune")
+    raise InputError("--heads-init pretrained needs the pretrained trunk; use --mode lin or tune")
   if config.dtype == "float16" and config.net == "squeeze" and config.nonneg == "official":
     # Measured: once the projection zeroes the negative 1x1 trunk weights (first step), float16 activations
     # overflow and every later loss is NaN; float32 and bfloat16 have the range.
-    raise ValueError("--dtype float16 cannot hold SqueezeNet's activations after the official projection clamps its "
+    raise InputError("--dtype float16 cannot hold SqueezeNet's activations after the official projection clamps its "
                      "1x1 trunk convolutions to non-negative weights; use --dtype bfloat16, or --nonneg heads")
   return config
+
+
+def flag(field: str) -> str:
+  """A setting's command-line flag: `--epochs-decay` for the field `epochs_decay`."""
+  return "--" + field.replace("_", "-")
 
 
 def _check_numbers(config: Config) -> None:
@@ -113,20 +119,20 @@ def _check_numbers(config: Config) -> None:
   for field in dataclasses.fields(Config):
     value, kind = getattr(config, field.name), {int: numbers.Integral, float: numbers.Real}.get(hints[field.name])
     if kind and (isinstance(value, bool) or not isinstance(value, kind)):
-      raise ValueError(f"--{field.name} must be {'an integer' if kind is numbers.Integral else 'a number'}, "
+      raise InputError(f"{flag(field.name)} must be {'an integer' if kind is numbers.Integral else 'a number'}, "
                        f"got {value!r}")
   for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "workers", "prefetch",
                "keep_checkpoints"):
     if getattr(config, name) < 1:
-      raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
+      raise InputError(f"{flag(name)} must be at least 1, got {getattr(config, name)}")
   for name in ("lr", "eps"):
     if not 0 < getattr(config, name) < math.inf:  # also refuses NaN
-      raise ValueError(f"--{name} must be a positive number, got {getattr(config, name)}")
+      raise InputError(f"{flag(name)} must be a positive number, got {getattr(config, name)}")
   for name in ("b1", "b2"):  # Adam divides by 1 - beta**t
     if not 0 <= getattr(config, name) < 1:
-      raise ValueError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+      raise InputError(f"{flag(name)} must be in [0, 1), got {getattr(config, name)}")
   if not 0 <= config.seed < SEEDS:
-    raise ValueError(f"--seed must be in [0, 2**32), got {config.seed}")
+    raise InputError(f"--seed must be in [0, 2**32), got {config.seed}")
   if config.epochs < 0 or config.epochs_decay < 0 or config.epochs + config.epochs_decay < 1:
-    raise ValueError(f"--epochs {config.epochs} --epochs_decay {config.epochs_decay}: each must be at least 0 and "
+    raise InputError(f"--epochs {config.epochs} --epochs-decay {config.epochs_decay}: each must be at least 0 and "
                      f"together at least 1 (epochs trained)")

@@ -18,10 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lpips_jax.files import read_image
 from lpips_jax.checks import check_positive_int
 from lpips_jax.errors import InputError
-from lpips_jax.scoring import prefetch as prefetch  # the one background producer (re-exported for train.py)
+from lpips_jax.files import read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")  # the official IMG_EXTENSIONS, any case
 LOAD_SIZE = 64

@@ -15,53 +15,55 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from lpips_jax import runner
 from lpips_jax.backbones import NETS
+from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write, bombs_are_errors
 from lpips_jax.layout import VERSIONS
-from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND
-from lpips_jax.train.main import Parser, exit_interrupted
+from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND, flag
+
+PROG = "lpips-jax eval"
 
 SETS = {"2afc": VAL_2AFC, "jnd": VAL_JND}
 
 
-def parse(argv=None) -> argparse.Namespace:
-  parser = Parser(prog="lpips-jax eval", description=__doc__.splitlines()[0],
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, NETS))} (released weights) or the "
-                      "path of a .safetensors params file (e.g. a training run's lpips.safetensors)")
-  parser.add_argument("--version", default="0.1", choices=list(VERSIONS), help="for released weights")
-  parser.add_argument("--baseline", action="store_true", help="released trunk without heads (lpips=False)")
-  parser.add_argument("--mode", default="2afc", choices=sorted(SETS))
-  parser.add_argument("--dataroot", default="./dataset", help="BAPPS root holding 2afc/ and jnd/")
-  parser.add_argument("--datasets", nargs="+", help="sets under DATAROOT/MODE (default: all validation sets)")
-  parser.add_argument("--batch_size", type=int, default=50)
-  parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                      help="trunk compute dtype")
-  parser.add_argument("--compare", metavar="WEIGHTS", help="also score these weights (as --weights) on the same "
-                      "examples and print the difference with its paired-bootstrap interval and p-value")
-  parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each interval")
-  parser.add_argument("--json", help="also write {set: score} to this file (replaced atomically)")
-  args = parser.parse_args(argv)
-  for flag in ("batch_size", "resamples"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-  return args
+def parser() -> argparse.ArgumentParser:
+  p = runner.Parser(prog=PROG, description=__doc__.splitlines()[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, NETS))} (released weights) or the path of "
+                 "a .safetensors params file (e.g. a training run's lpips.safetensors)")
+  p.add_argument("--version", default="0.1", choices=list(VERSIONS), help="for released weights")
+  p.add_argument("--baseline", action="store_true", help="released trunk without heads (lpips=False)")
+  p.add_argument("--mode", default="2afc", choices=sorted(SETS))
+  p.add_argument("--dataroot", default="./dataset", help="BAPPS root holding 2afc/ and jnd/")
+  p.add_argument("--datasets", nargs="+", help="sets under DATAROOT/MODE (default: all validation sets)")
+  p.add_argument("--batch-size", type=int, default=50)
+  p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="trunk compute dtype")
+  p.add_argument("--compare", metavar="WEIGHTS", help="also score these weights (as --weights) on the same examples "
+                 "and print the difference with its paired-bootstrap interval and p-value")
+  p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of each interval")
+  p.add_argument("--json", help="also write {set: score} to this file (replaced atomically)")
+  return p
 
 
-def main(argv=None) -> dict[str, float]:
-  args = parse(argv)
+def main(argv=None) -> int:
+  """`lpips-jax eval`: its exit status (`lpips_jax.runner`). Ctrl-C keeps the scores printed so far (each is
+  complete); --json is written only at the end."""
+  return runner.run(PROG, eval_command, argv, oom_hint="lower --batch-size")
+
+
+def eval_command(argv: list[str]) -> dict[str, float]:
+  p = parser()
+  args = p.parse_args(argv)
+  for name in ("batch_size", "resamples"):
+    if getattr(args, name) < 1:
+      p.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
   bombs_are_errors()
-  try:  # one line for a missing weights file or data folder, mismatched folders, a corrupt file
-    return score(args)
-  except (OSError, ValueError) as e:
-    sys.exit(f"lpips-jax eval: error: {' '.join(str(e).split())}")
-  except KeyboardInterrupt:  # the scores printed so far are complete; --json is written only at the end
-    exit_interrupted("lpips-jax eval: interrupted")
+  return score(args)
 
 
 def score(args: argparse.Namespace) -> dict[str, float]:
@@ -92,7 +94,7 @@ def _weights(name: str, args: argparse.Namespace):
   path = Path(name)
   if name.endswith(".safetensors") or path.is_file():
     if args.baseline:
-      raise ValueError("--baseline applies to released weights ('alex', 'vgg', 'squeeze'), not to a weights file")
+      raise InputError("--baseline applies to released weights ('alex', 'vgg', 'squeeze'), not to a weights file")
     return lpips_jax.load(path)
   return lpips_jax.load(name, args.version, lpips=not args.baseline)
 
@@ -138,4 +140,4 @@ def _difference(items, other, data, args) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  runner.exit(main())

@@ -6,73 +6,71 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import typing
 
+from lpips_jax import runner
 from lpips_jax.files import bombs_are_errors
-from lpips_jax.train.config import CHOICES, Config, get_config
+from lpips_jax.train.config import CHOICES, Config, flag, get_config
+
+PROG = "lpips-jax train"
+# What training needs beyond the base install (the train extra).
+NEEDS = ("optax", "orbax.checkpoint", "matplotlib")
 
 
-class Parser(argparse.ArgumentParser):
-  """argparse whose errors are one line (the usage is what --help prints)."""
-
-  def error(self, message):
-    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def exit_interrupted(line: str) -> typing.NoReturn:
-  """End the process after Ctrl-C with `line` and status 130 (128 + SIGINT), once its files are closed.
-
-  os._exit, not sys.exit: measured, an XLA compilation cut short by Ctrl-C can crash the interpreter's shutdown
-  (SIGSEGV after the line is printed), and by now there is nothing left to flush but stdout and stderr.
-  """
-  print(line, file=sys.stderr)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(130)
+def parser() -> argparse.ArgumentParser:
+  """The command's flags: --workdir, --resume, --quiet, and one per `Config` field."""
+  p = runner.Parser(prog=PROG, description="Train LPIPS on 2AFC judgments (BAPPS layout); the defaults are the "
+                    "official recipe. Settings: train/config.py.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go; one run at a time")
+  p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --workdir "
+                 "(with the run's settings; those of train.config.RESUMABLE may change)")
+  p.add_argument("--quiet", action="store_true", help="no progress lines")
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    name, kind, doc = flag(field.name), hints[field.name], field.metadata["help"]
+    if kind is bool:
+      p.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default, help=doc)
+    elif typing.get_origin(kind) is tuple:
+      p.add_argument(name, dest=field.name, nargs="*", default=field.default, metavar="SET", help=doc)
+    else:
+      choices = CHOICES.get(field.name)
+      p.add_argument(name, dest=field.name, type=kind, default=field.default, choices=choices and list(choices),
+                     help=doc)
+  return p
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, Config]:
-  parser = Parser(prog="lpips-jax train", description="Train LPIPS on 2AFC judgments (BAPPS layout); the defaults "
-                  "are the official recipe. Settings: train/config.py.",
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="where checkpoints, logs, plot and weights go; one run at a "
-                      "time")
-  parser.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --workdir "
-                      "(with the run's settings; those of train.config.RESUMABLE may change)")
-  parser.add_argument("--quiet", action="store_true", help="no progress lines")
-  hints = typing.get_type_hints(Config)
-  for field in dataclasses.fields(Config):
-    flag, kind, doc = f"--{field.name}", hints[field.name], field.metadata["help"]
-    if kind is bool:
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=doc)
-    elif typing.get_origin(kind) is tuple:
-      parser.add_argument(flag, nargs="*", default=field.default, metavar="SET", help=doc)
-    else:
-      choices = CHOICES.get(field.name)
-      parser.add_argument(flag, type=kind, default=field.default, choices=choices and list(choices), help=doc)
-  args = parser.parse_args(argv)
+  """The flags and the checked `Config` they make (a bad setting is argparse's one-line error)."""
+  p = parser()
+  args = p.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
   overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})
   try:
     config = get_config(**overrides)
   except ValueError as e:
-    parser.error(str(e))
+    p.error(str(e))
   return args, config
 
 
-def main(argv=None) -> None:
-  args, config = parse(argv)
-  bombs_are_errors()
-  note = lambda line: print(f"lpips-jax train: note: {line}", file=sys.stderr, flush=True)
-  try:  # one line for missing or mismatched data, a workdir in use, an incompatible checkpoint, a diverged run
-    from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
+def main(argv=None) -> int:
+  """`lpips-jax train`: its exit status (`lpips_jax.runner`)."""
+  return runner.run(PROG, train_command, argv, oom_hint="lower --batch-size (or --eval-batch-size)")
 
-    record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet, note=note)
-  except (OSError, ValueError, FloatingPointError) as e:
-    sys.exit(f"lpips-jax train: error: {' '.join(str(e).split())}")
-  except KeyboardInterrupt as e:  # Ctrl-C; train_and_evaluate has finished writing its checkpoint and log
-    exit_interrupted(f"lpips-jax train: {str(e) or 'interrupted'}")
+
+def train_command(argv: list[str]) -> None:
+  args, config = parse(argv)
+  runner.require(PROG, NEEDS, "jax-lpips[train]")
+  bombs_are_errors()
+  from lpips_jax.train.train import train_and_evaluate  # after parsing: --help stays fast
+
+  note = lambda line: print(f"{PROG}: note: {line}", file=sys.stderr, flush=True)
+  # Ctrl-C: train_and_evaluate has finished writing its checkpoint and log, and says what the workdir holds.
+  record = train_and_evaluate(config, args.workdir, resume=args.resume, progress=not args.quiet, note=note)
   if record and record.get("val_mean") is not None:
     print(f"final mean 2AFC: {100 * record['val_mean']:.2f}")
+
+
+if __name__ == "__main__":
+  runner.exit(main())

@@ -131,16 +131,18 @@ def distances(params: dict, ref, p0, p1, *, dropout_rng: jax.Array | None = None
 
 
 def loss_fn(params: dict, batch: dict, *, dropout_rng: jax.Array | None = None, dtype=None):
-  """The 2AFC ranking loss, mean BCE over the real examples of `batch`, and metrics.
+  """The 2AFC ranking loss, the mean BCE over the real examples of `batch` (what is differentiated), and the sums
+  over those examples.
 
   batch: `ref`, `p0`, `p1` f32 [N, H, W, 3] in [-1, 1]; `judge` f32 [N], the fraction of people who preferred p1;
   `weight` f32 [N], 1 for real examples and 0 for padding.
-  Returns `(loss, {"loss", "acc"})`; `acc` is the official train-time accuracy (d1 < d0 agrees with the judge).
+  Returns `(loss, {"loss_sum", "acc_sum", "count"})`: sums over the real examples and their number, so that steps
+  of different sizes add up exactly; `acc` is the official train-time accuracy (d1 < d0 agrees with the judge).
   """
   d0, d1 = distances(params["lpips"], batch["ref"], batch["p0"], batch["p1"], dropout_rng=dropout_rng, dtype=dtype)
   judge, weight = batch["judge"], batch["weight"]
   count = jnp.sum(weight)
-  loss = jnp.sum(weight * bce(rank_logit(params["rank"], d0, d1), judge)) / count
+  loss_sum = jnp.sum(weight * bce(rank_logit(params["rank"], d0, d1), judge))
   closer1 = (d1 < d0).astype(jnp.float32)
-  acc = jnp.sum(weight * (closer1 * judge + (1 - closer1) * (1 - judge))) / count
-  return loss, {"loss": loss, "acc": acc}
+  acc_sum = jnp.sum(weight * (closer1 * judge + (1 - closer1) * (1 - judge)))
+  return loss_sum / count, {"loss_sum": loss_sum, "acc_sum": acc_sum, "count": count}

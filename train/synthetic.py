@@ -12,11 +12,14 @@ best a learned metric can expect.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from lpips_jax import runner
+
+PROG = "lpips-jax synthetic"
 
 # Photographs at least 320 pixels high, so both bands of `build` hold a whole STORED-pixel crop.
 PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
@@ -30,24 +33,35 @@ def photographs() -> list[np.ndarray]:
   return [np.asarray(getattr(skimage.data, name)())[..., :3] for name in PHOTOS]
 
 
-def distort(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """A random traditional distortion of a uint8 patch [S, S, 3], of random strength."""
-  kind = int(rng.integers(6))
+# The traditional distortions, each with the range its strength is drawn from (uniformly; integers for JPEG quality
+# and the pixelated size).
+STRENGTHS = {"noise": (3, 40), "blur": (0.5, 4), "jpeg": (3, 50), "contrast": (0.3, 1.7), "colour": (-50, 50),
+             "pixelate": (8, 48)}
+
+
+def distort(patch: np.ndarray, kind: str, rng: np.random.Generator, strengths: dict = STRENGTHS) -> np.ndarray:
+  """The distortion `kind` (a key of `strengths`) of a uint8 patch [S, S, 3], its strength drawn from `rng`."""
+  low, high = strengths[kind]
   image = Image.fromarray(patch)
-  if kind == 0:
-    return np.clip(patch + rng.normal(0, rng.uniform(3, 40), patch.shape), 0, 255).astype(np.uint8)
-  if kind == 1:
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 4))))
-  if kind == 2:
+  if kind == "noise":
+    return np.clip(patch + rng.normal(0, rng.uniform(low, high), patch.shape), 0, 255).astype(np.uint8)
+  if kind == "blur":
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(low, high))))
+  if kind == "jpeg":
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(rng.integers(3, 50)))
+    image.save(buffer, "JPEG", quality=int(rng.integers(low, high)))
     return np.asarray(Image.open(buffer).convert("RGB"))
-  if kind == 3:
-    return np.clip((patch - 128.0) * rng.uniform(0.3, 1.7) + 128, 0, 255).astype(np.uint8)
-  if kind == 4:
-    return np.clip(patch + rng.uniform(-50, 50, 3), 0, 255).astype(np.uint8)
-  small = image.resize((int(rng.integers(8, 48)),) * 2, Image.BILINEAR)
+  if kind == "contrast":
+    return np.clip((patch - 128.0) * rng.uniform(low, high) + 128, 0, 255).astype(np.uint8)
+  if kind == "colour":
+    return np.clip(patch + rng.uniform(low, high, 3), 0, 255).astype(np.uint8)
+  small = image.resize((int(rng.integers(low, high)),) * 2, Image.BILINEAR)
   return np.asarray(small.resize(image.size, Image.NEAREST))
+
+
+def random_distortion(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One of the distortions, chosen by `rng`, of random strength."""
+  return distort(patch, list(STRENGTHS)[int(rng.integers(len(STRENGTHS)))], rng)
 
 
 def crops(n: int, rng: np.random.Generator, rows: tuple[float, float]) -> list[np.ndarray]:
@@ -87,7 +101,7 @@ def write_2afc(root: Path, n: int, *, judges: int, rows: tuple[float, float], te
   rng = np.random.default_rng(seed)
   paths = {"ref": [], "p0": [], "p1": []}
   for i, patch in enumerate(crops(n, rng, rows)):
-    for name, image in (("ref", patch), ("p0", distort(patch, rng)), ("p1", distort(patch, rng))):
+    for name, image in (("ref", patch), ("p0", random_distortion(patch, rng)), ("p1", random_distortion(patch, rng))):
       paths[name].append(_write(root, name, i, image))
   d0, d1 = (_teacher_distances(teacher, paths["ref"], paths[p]) for p in ("p0", "p1"))
   prefer1 = 1 / (1 + np.exp(-(d0 - d1) / temperature))
@@ -104,7 +118,7 @@ def write_jnd(root: Path, n: int, *, judges: int, rows: tuple[float, float], tea
   paths = {"p0": [], "p1": []}
   for i, patch in enumerate(crops(n, rng, rows)):
     paths["p0"].append(_write(root, "p0", i, patch))
-    paths["p1"].append(_write(root, "p1", i, distort(patch, rng)))
+    paths["p1"].append(_write(root, "p1", i, random_distortion(patch, rng)))
   d = _teacher_distances(teacher, paths["p0"], paths["p1"])
   same = rng.binomial(judges, np.exp(-d / scale)) / judges
   for i, value in enumerate(same):
@@ -132,17 +146,24 @@ def build(root: str | Path, *, n_train: int = 600, n_val: int = 300, n_jnd: int 
   }
 
 
-def main(argv=None) -> None:
-  """`lpips-jax synthetic DIR`: build the set and print the teacher's scores on it."""
+def main(argv=None) -> int:
+  """`lpips-jax synthetic DIR`: its exit status (`lpips_jax.runner`)."""
+  return runner.run(PROG, synthetic_command, argv)
+
+
+def synthetic_command(argv: list[str]) -> None:
+  """Build the set and print the teacher's scores on it."""
+  parser = runner.Parser(prog=PROG, description=__doc__.splitlines()[0])
+  parser.add_argument("dir", type=Path, help="where the set goes: DIR/2afc/{train,val}/synthetic and "
+                      "DIR/jnd/val/synthetic")
+  args = parser.parse_args(argv)
+  runner.require(PROG, ["skimage"], "jax-lpips[train]")
   from lpips_jax.train.evaluate import score_2afc, score_jnd
 
-  argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1 or argv[0].startswith("-"):
-    sys.exit("usage: lpips-jax synthetic DIR")
-  sets = build(argv[0])
+  sets = build(args.dir)
   print(f"teacher 2AFC: train {100 * score_2afc(**sets['train']):.2f}, val {100 * score_2afc(**sets['val']):.2f}; "
         f"JND mAP {100 * score_jnd(sets['jnd']['d'], sets['jnd']['same']):.2f}")
 
 
 if __name__ == "__main__":
-  main()
+  runner.exit(main())

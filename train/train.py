@@ -5,18 +5,16 @@ the projection of the heads (and by default SqueezeNet's 1x1 trunk kernels, as t
 non-negative weights, last in the chain. The state is a `TrainState` value; `train_step` maps (state, batch, rng) to
 (state, metrics) and is jitted over a 1-D "data" mesh of all local devices (`local_mesh`; batch sharded, state
 replicated). `train_and_evaluate`, last, runs a whole training from the pieces before it, as flax's
-examples/imagenet does: create the state, restore or start, step, evaluate, log, checkpoint (Orbax), plot, export.
+examples/imagenet does: create the state, restore or start, step, evaluate, log, checkpoint, plot, export (the run's
+directory, its checkpoints and resuming: `train.checkpoints`).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,14 +27,15 @@ import optax
 from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.scoring import local_mesh as local_mesh  # the step's mesh (bench/train_step.py imports it here)
+from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write
-from lpips_jax.scoring import padded_batch_size
-from lpips_jax.weights import save
-from lpips_jax.train.config import DTYPES, RESUMABLE, Config
-from lpips_jax.train.data import TwoAFC, batches, epoch_order, prefetch, read_2afc
+from lpips_jax.scoring import local_mesh, padded_batch_size, prefetch
+from lpips_jax.train.checkpoints import checkpoint_manager, hold, restore_or_start, run_position, save_checkpoint
+from lpips_jax.train.config import DTYPES, Config
+from lpips_jax.train.data import TwoAFC, batches, epoch_order, read_2afc
 from lpips_jax.train.evaluate import evaluate_2afc
 from lpips_jax.train.model import init_params, loss_fn
+from lpips_jax.weights import save
 
 # Dynamic loss scaling for float16: start high, halve on overflow (and skip that step), double on the
 # LOSS_SCALE_PERIOD-th finite step in a row (the usual scheme of NVIDIA apex / torch.amp.GradScaler).
@@ -144,8 +143,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array | None, *, tx: opt
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                      (state.params, state.opt_state))
   new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, dynamic_scale=dynamic_scale)
-  count = jnp.sum(batch["weight"])  # loss_fn's metrics are means over the real examples
-  return new, {"loss_sum": metrics["loss"] * count, "acc_sum": metrics["acc"] * count, "count": count,
+  return new, {"loss_sum": metrics["loss_sum"], "acc_sum": metrics["acc_sum"], "count": metrics["count"],
                "grad_norm": optax.tree.norm(grads), "loss_scale": state.dynamic_scale.scale, "finite": finite}
 
 
@@ -174,201 +172,6 @@ def create_train_state(config: Config, schedule: optax.Schedule,
   return jax.device_put(state, NamedSharding(mesh, PartitionSpec())), tx
 
 
-@contextlib.contextmanager
-def hold(workdir: Path) -> Iterator[None]:
-  """Hold `workdir` for one run: an exclusive lock (flock) on `workdir/lock`, which the OS releases when the process
-  ends, however it ends (SIGKILL too). A second run in the directory raises BlockingIOError at once."""
-  import fcntl
-
-  workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / "lock", "a+") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      lock.seek(0)
-      pid = lock.read().strip()
-      raise BlockingIOError(f"{workdir} is in use by another lpips-jax train{f' (process {pid})' if pid else ''}: "
-                            f"wait for it to end, or choose another --workdir") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")  # for the message above: who holds the directory
-    lock.flush()
-    yield
-
-
-def checkpoint_manager(workdir: Path, keep: int):
-  """Orbax checkpoints of the whole state under `workdir/checkpoints`, one folder per step, the `keep` latest."""
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
-
-
-def run_position(config: Config, examples: int) -> dict:
-  """What a checkpoint records beside the state (JSON), and what a resumed run must match: the number of training
-  examples, the steps per epoch and every setting (the config, tuples as lists)."""
-  return {"examples": examples, "steps_per_epoch": math.ceil(examples / config.batch_size),
-          "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}}
-
-
-def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, *, resume: bool,
-                     note: Callable[[str], None]) -> tuple[TrainState, dict | None]:
-  """The state to train from, and for a resumed run the log record saying so: `state` for a fresh run, which
-  starts a new log, or with `resume` the state of the latest checkpoint that reads back whole, the log cut back to
-  it. Damaged later checkpoints (an unreadable array file or position JSON) are moved to `workdir/damaged/`, with
-  a `note`; settings of `RESUMABLE` that differ from the checkpoint's are noted and recorded.
-
-  `position`: `run_position` of this run. Raises FileExistsError for checkpoints without `resume`, and ValueError
-  if no checkpoint reads back, the data's size changed, another setting differs from the checkpoint's, or the
-  checkpoint is past the run's last step.
-  """
-  import orbax.checkpoint as ocp
-
-  log_path, steps = workdir / "log.jsonl", sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    if resume:
-      note(f"{workdir} holds no checkpoint to resume: starting a new run")
-    log_path.unlink(missing_ok=True)  # a fresh run (or one killed before its first checkpoint) starts a new log
-    return state, None
-  if not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {steps[0]}): pass --resume to "
-                          f"continue that run, or choose a new --workdir")
-  damaged = {}
-  for step in steps:
-    try:  # the position first: the settings are compared before the state tree is read
-      saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore())).position
-      changed = _check_resumable(saved, position, workdir, step)
-      with _stray_output_hidden():
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
-      break
-    except ResumeError:
-      raise
-    except Exception as e:
-      damaged[step] = _reason(e)
-  else:
-    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} reads back whole (" + "; ".join(
-        f"{s}: {r}" for s, r in damaged.items()) + "): delete the folder to train from the start, or choose a new "
-                     "--workdir")
-  for s, reason in damaged.items():  # moved, not deleted: a later save of step s needs the name; the files are evidence
-    _move_into(Path(manager.directory) / str(s), workdir / "damaged")
-    note(f"checkpoint {s} in {workdir} is damaged ({reason}), moved to {workdir / 'damaged'}; resuming from "
-         f"checkpoint {step}")
-  manager.reload()
-  if changed:
-    note(f"resuming {workdir} at step {step} with changed settings: " + ", ".join(
-        f"--{k} {_text(old)} -> {_text(new)}" for k, (old, new) in changed.items()) + " (recorded in log.jsonl)")
-  _truncate_log(log_path, step)
-  return restored, {"kind": "resume", "step": step, "changed": changed, "damaged": sorted(damaged)}
-
-
-@contextlib.contextmanager
-def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
-  """Hide what a failing Orbax restore prints from its threads: when one array file fails to read, Orbax closes its
-  event loop while tensorstore still completes the other reads, whose callbacks then print "Event loop is closed"
-  tracebacks, and the abandoned coroutines print again when they are collected; dozens of tracebacks, some after
-  the exception has reached us. Standard error (the file descriptor: tensorstore writes from C++ threads) goes to a
-  temporary file; after a failure the stragglers get `grace` seconds and a collection, and their output is dropped;
-  after a success it is written out."""
-  sys.stderr.flush()
-  saved, capture = os.dup(2), tempfile.TemporaryFile()
-  os.dup2(capture.fileno(), 2)
-  failed = True
-  try:
-    yield
-    failed = False
-  finally:
-    if failed:
-      _drop_abandoned_orbax_reads()
-      gc.collect()
-      time.sleep(grace)
-      gc.collect()
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    if not failed:
-      capture.seek(0)
-      sys.stderr.buffer.write(capture.read())
-      sys.stderr.flush()
-    capture.close()
-
-
-def _drop_abandoned_orbax_reads() -> None:
-  """From now on, drop the "Exception ignored in: <coroutine ...>" reports of Orbax's abandoned reads (each a long
-  traceback, printed whenever they are collected, possibly much later); every other report is printed as before."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_orbax_reads", False):
-    return
-
-  def hook(report):
-    code = getattr(report.object, "cr_code", None)
-    if code is None or "orbax" not in code.co_filename:
-      previous(report)
-
-  hook.drops_orbax_reads = True
-  sys.unraisablehook = hook
-
-
-class ResumeError(ValueError):
-  """A checkpoint that reads back but was written for another run: other settings, other data, or past the end."""
-
-
-def _check_resumable(saved: dict, position: dict, workdir: Path, step: int) -> dict[str, list]:
-  """{setting: [saved, now]} of the RESUMABLE settings that differ between checkpoint `step` (its position JSON
-  `saved`) and this run (`position`); ResumeError naming each other setting that differs, a change in the number of
-  examples, or a run now shorter than the checkpoint's step."""
-  now = position["settings"]
-  differ = [k for k in now if saved["settings"].get(k) != now[k]]
-  fixed = [k for k in differ if k not in RESUMABLE]
-  if fixed:
-    raise ResumeError(f"cannot resume {workdir} (checkpoint {step}): it was trained with other settings: " + ", ".join(
-        f"--{k} {_text(saved['settings'].get(k))} (now {_text(now[k])})" for k in fixed) + "; resume with the run's "
-                      "settings, or train with the new ones in another --workdir")
-  if saved["examples"] != position["examples"]:
-    raise ResumeError(f"cannot resume {workdir}: its run trained on {saved['examples']} examples, and --datasets "
-                      f"under --dataroot now hold {position['examples']}; resume with the run's data, or train on "
-                      f"the new data in another --workdir")
-  total = position["steps_per_epoch"] * (now["epochs"] + now["epochs_decay"])
-  if step > total:
-    raise ResumeError(f"cannot resume {workdir} at step {step}: --epochs {now['epochs']} --epochs_decay "
-                      f"{now['epochs_decay']} end the run at step {total}; ask for at least the "
-                      f"{step / position['steps_per_epoch']:g} epochs it has trained")
-  return {k: [saved["settings"].get(k), now[k]] for k in differ}
-
-
-def _text(value) -> str:
-  """A setting as its flag's value(s) are written."""
-  if isinstance(value, list):
-    return " ".join(map(str, value)) if value else "(none)"
-  return str(value)
-
-
-def _reason(e: BaseException) -> str:
-  """One line of why a checkpoint did not read back: the first line of the innermost error, shortened."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-  line = f"{type(e).__name__}: {line}" if line else type(e).__name__
-  return line if len(line) <= 200 else line[:197] + "..."
-
-
-def _move_into(path: Path, folder: Path) -> None:
-  folder.mkdir(exist_ok=True)
-  target, n = folder / path.name, 1
-  while target.exists():
-    target, n = folder / f"{path.name}.{n}", n + 1
-  path.rename(target)
-
-
-def save_checkpoint(manager, state: TrainState, position: dict) -> None:
-  """Save `state` as checkpoint `state.step`, with `position` (`run_position`) and where in the data that step is
-  (JSON)."""
-  import orbax.checkpoint as ocp
-
-  step = int(state.step)
-  epoch, batch = divmod(step, position["steps_per_epoch"])
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(
-      {**position, "step": step, "epoch": epoch, "batch": batch})))
-
-
 def train_batches(data: TwoAFC, config: Config, start: int, *, pad_to: int,
                   pool: ThreadPoolExecutor) -> Iterator[dict]:
   """The batches of steps `start`, `start + 1`, ... to the run's end: each epoch in its `epoch_order`, so a resumed
@@ -391,13 +194,18 @@ def evaluate(params, val: dict[str, TwoAFC], config: Config, mesh: jax.sharding.
   return {"kind": "eval", "step": step, "epoch": epoch, "val": scores, "val_mean": mean}
 
 
+class Diverged(InputError, FloatingPointError):
+  """The training loss is not finite: a setting to change (a lower --lr, another --dtype), not a bug."""
+
+
 def check_finite(metrics: list[dict], step: int, dtype: str) -> None:
-  """Raise FloatingPointError naming the first step whose loss is not finite; `metrics` end with step `step`'s."""
+  """Raise `Diverged` (a FloatingPointError) naming the first step whose loss is not finite; `metrics` end with
+  step `step`'s."""
   for i, m in enumerate(metrics):
     loss = float(m["loss_sum"]) / float(m["count"])
     if not math.isfinite(loss):
       hint = "; or --dtype bfloat16, which has float32's range" if dtype == "float16" else ""
-      raise FloatingPointError(f"the training loss is {loss} at step {step - len(metrics) + i + 1}: the weights "
+      raise Diverged(f"the training loss is {loss} at step {step - len(metrics) + i + 1}: the weights "
                                f"diverged or the forward pass overflowed; lower --lr{hint}")
 
 
@@ -422,24 +230,6 @@ def write_record(log, record: dict, *, progress: bool = False, total_steps: int 
   elif progress and record["kind"] == "eval" and record["step"] and record["val_mean"] is not None:
     print(f"epoch {record['epoch']}: 2AFC " + ", ".join(f"{k} {100 * v:.2f}" for k, v in record["val"].items()),
           flush=True)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-  """Drop log records written after the checkpoint a run resumes from (they will be written again), atomically.
-  A last line torn by a kill is dropped too; any other line that is not JSON is an error naming it."""
-  if not path.exists():
-    return
-  lines, kept = path.read_text(errors="replace").splitlines(), []
-  for i, line in enumerate(lines):
-    try:
-      record = json.loads(line) if line.strip() else None
-    except ValueError:
-      if i == len(lines) - 1:
-        break
-      raise ValueError(f"{path}, line {i + 1}, is not a JSON record; repair or delete that line to resume") from None
-    if record is not None and record.get("step", 0) <= step:
-      kept.append(line)
-  atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
 
 def export(workdir: Path, params, config: Config, steps: int) -> None:
@@ -549,7 +339,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       latest = manager.latest_step()
       where = (f"{workdir} holds the checkpoints up to step {latest} and their log: continue with --resume"
                if latest is not None else f"{workdir} holds no checkpoint yet: a new run starts over")
-      raise Interrupted(f"interrupted; {where}") from None
+      raise Interrupted(where) from None
     finally:
       manager.close()
     export(workdir, jax.device_get(state.params), config, int(state.step))

@@ -35,8 +35,8 @@ from PIL import Image
 
 from lpips_jax import runner, stats
 from lpips_jax.checks import check_positive_int, check_structure
-from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, formatted_rows, write_stdout, csv_rows
-from lpips_jax.command.pairs import progress_bar, all_pair_distances, pairs_of, ref_distances, stream_pair_distances
+from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, csv_rows, formatted_rows, write_stdout
+from lpips_jax.command.pairs import all_pair_distances, pairs_of, progress_bar, ref_distances, stream_pair_distances
 from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write, bombs_are_errors
 from lpips_jax.layout import VERSIONS
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> None:
     with progress_bar(len(pairs), True, initial=len(done)) as bar, contextlib.closing(
         all_pair_distances(params, pairs, len(done), **options) if mode == "all" else
         stream_pair_distances(params, pairs[len(done):], **options)) as rows:
-      for start, chunk in rows:
+      for _, chunk in rows:
         for k in range(0, len(chunk), CHUNK_ROWS):
           first = len(values)
           values += chunk[k:k + CHUNK_ROWS]

@@ -209,7 +209,8 @@ def stream_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: boo
         yield (start, len(chunk), part), (a, b)
 
   chunks: dict[int, list] = {}
-  for (start, count, part), (d,) in run_batches(batch_distances, params, prefetch(batches(), QUEUE), batch_size=batch_size,
+  stream = prefetch(batches(), QUEUE)
+  for (start, count, part), (d,) in run_batches(batch_distances, params, stream, batch_size=batch_size,
                                                 batch_pixels=batch_pixels, mesh=mesh, tagged=True, variant=v,
                                                 normalize=False, dtype=dtype, precision=None):
     values = chunks.setdefault(start, [None] * count)
