@@ -21,7 +21,8 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
   top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
   assert top == {"lpips_jax"}
   # convert/ and train/ of the repository are inside the namespace, with their data files where load() looks.
-  for module in ("lpips_jax/convert/convert.py", "lpips_jax/train/train.py", "lpips_jax/weights/manifest.json",
+  for module in ("lpips_jax/convert/convert.py", "lpips_jax/train/train.py", "lpips_jax/command/pairs.py",
+                 "lpips_jax/train/checkpoints.py", "lpips_jax/weights/manifest.json",
                  "lpips_jax/weights/alex.safetensors", "lpips_jax/images/ex_ref.png"):
     assert module in names
 
