@@ -144,6 +144,20 @@ def check_positive_int(value, name: str) -> int:
   return int(value)
 
 
+def check_mask(mask, count: int | None = None) -> None:
+  """An InputError unless `mask` is None or a vector of booleans or 0/1 numbers (one per pair: `count` of them)."""
+  if mask is None:
+    return
+  dtype = _dtype(mask) if hasattr(mask, "dtype") else np.asarray(mask).dtype
+  if not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise InputError(f"mask must be booleans or 0/1 numbers, one per pair (True or 1: counted); got "
+                     f"{type(mask).__name__} of dtype {dtype}")
+  shape = jnp.shape(mask)
+  if len(shape) != 1 or (count is not None and shape[0] != count):
+    want = f"({count},)" if count is not None else "(N,)"
+    raise InputError(f"mask must have shape {want}, one entry per pair; got {shape}")
+
+
 def check_spatial_size(spatial_size) -> tuple[int, int] | None:
   """`spatial_size` as (H, W), or None; an InputError unless it is None or two positive integers."""
   if spatial_size is None:

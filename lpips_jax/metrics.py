@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from lpips_jax.checks import check_images, check_params
+from lpips_jax.checks import check_images, check_mask, check_params
 from lpips_jax.errors import InputError
 from lpips_jax.lpips import pipeline
 
@@ -56,9 +56,8 @@ class LPIPSMetric:
       raise InputError(f"distances must be a vector [N]; got shape {d.shape}")
     if mask is None:
       return cls(total=jnp.sum(d), sum_of_squares=jnp.sum(d * d), count=jnp.float32(d.shape[0]))
+    check_mask(mask, d.shape[0])
     keep = jnp.asarray(mask)
-    if keep.shape != d.shape:
-      raise InputError(f"mask must have shape {d.shape}, one entry per pair; got {keep.shape}")
     keep = keep if keep.dtype == jnp.bool_ else keep != 0
     # `where`, not `d * mask`: a padded pair whose distance is NaN or inf (garbage padding) must not leak in.
     d = jnp.where(keep, d, 0.0)
@@ -81,6 +80,7 @@ class LPIPSMetric:
     distance, which reaches the mean unless its pair is masked out.
     """
     v = check_params(params)
+    check_mask(mask, jnp.shape(predictions)[0] if jnp.ndim(predictions) else None)
     check_images(*_counted(mask, predictions, targets), v.net, normalize=normalize, names=("predictions", "targets"))
     d = pipeline(params, predictions, targets, variant=v, spatial=False, per_layer=False, normalize=normalize,
                   dtype=dtype, precision=precision)

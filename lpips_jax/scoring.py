@@ -24,8 +24,17 @@ from lpips_jax.errors import InputError
 from lpips_jax.lpips import pipeline
 
 
+# The peak memory per pixel of a batch's pairs (2 H W per pair), in bytes, measured through the command: the growth
+# of its peak RSS from 3 pairs of 1000x1000 to 3 pairs of 2000x2000 at --batch-size 1 (float32, one CPU device;
+# README, "The `lpips-jax` command"). It counts the trunk's activations and the host's decoded images, queued batches
+# and padding, so it bounds arrays passed in memory too.
+BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639}
+BATCH_BYTES = 2**30  # the memory one batch may take
+BATCH_PIXELS = {net: BATCH_BYTES // b for net, b in BYTES_PER_PIXEL.items()}  # the pixels of a batch's pairs
+
+
 def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
-                normalize: bool = False, dtype=None, precision=None) -> np.ndarray:
+                normalize: bool = False, dtype=None, precision=None, batch_pixels: int | None = None) -> np.ndarray:
   """LPIPS distances of many pairs, computed on all devices (of all processes).
 
   Args:
@@ -33,9 +42,11 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
     a, b: this process's pairs, NHWC [N, H, W, 3] arrays in [-1, 1] (or [0, 1] with `normalize`), as many in `b`
       as in `a`; or `a` is an iterable of `(a_batch, b_batch)` and `b` is None.
     batch_size: pairs per step on each process, a positive integer; rounded up to a multiple of the local device
-      count.
+      count. For arrays `a`, `b`, a step holds at most the pairs there are and at most `batch_pixels` pixels.
     mesh: a 1-D mesh with axis "data" (default: every device of every process).
     normalize, dtype, precision: as in `lpips_jax.distance`.
+    batch_pixels: the most pixels of a step's pairs (2 H W each), for arrays `a`, `b` (default: the net's budget,
+      `BATCH_PIXELS`, about 1 GiB of memory); an iterable's batches are the caller's, each padded to `batch_size`.
 
   Returns:
     float32 numpy [N]: the distances of this process's pairs, in order ([0] for no pairs).
@@ -55,16 +66,27 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
       raise InputError(f"a holds {len(a)} images and b {len(b)}; score_pairs compares a[i] with b[i]: pass as "
                        f"many of each")
     check_images(a, b, v.net, normalize=normalize)
-    step = padded_batch_size(batch_size, mesh or global_mesh())
+    # Bounded by the pairs there are (on every process: each step has one global shape) and by pixels.
+    batch_size = min(batch_size, max(_most_on_any_process(len(a)), 1))
+    batch_pixels = BATCH_PIXELS[v.net] if batch_pixels is None else check_positive_int(batch_pixels, "batch_pixels")
+    step = batch_rows(batch_size, row_pixels([a.shape[1:], b.shape[1:]]), batch_pixels, mesh or global_mesh())
     batches: Iterable = ((a[i:i + step], b[i:i + step]) for i in range(0, len(a), step))
   elif hasattr(a, "shape"):
     raise InputError(f"b is missing: score_pairs(params, a, b) scores a[i] against b[i] (a has shape {a.shape}); "
                      f"or pass an iterable of (a_batch, b_batch) pairs as a")
   else:
     batches = (_checked_pair(item, v.net, normalize) for item in a)
-  out = [d for (d,) in run_batches(batch_distances, params, batches, batch_size=batch_size, mesh=mesh, variant=v,
-                                   normalize=normalize, dtype=dtype, precision=precision)]
+    batch_pixels = None if batch_pixels is None else check_positive_int(batch_pixels, "batch_pixels")
+  out = [d for (d,) in run_batches(batch_distances, params, batches, batch_size=batch_size, batch_pixels=batch_pixels,
+                                   mesh=mesh, variant=v, normalize=normalize, dtype=dtype, precision=precision)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _most_on_any_process(n: int) -> int:
+  """The largest `n` of all processes (`n` itself with one process)."""
+  if jax.process_count() == 1:
+    return n
+  return int(multihost_utils.process_allgather(np.int64(n)).max())
 
 
 def _checked_pair(item, net: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,8 @@ from numpy.typing import ArrayLike
 from lpips_jax.errors import InputError
 
 _CHUNK = 1 << 22  # indices drawn at once: 32 MB of int64 plus 32 MB of gathered float64 values
+LEAST_ITEMS = 2  # an interval from one item would have zero width: there is nothing to resample
+LEAST_IMAGES = 3  # all pairs of 2 images are one pair
 
 
 class Interval(NamedTuple):
@@ -45,7 +47,7 @@ def bootstrap_ci(values: ArrayLike, *, confidence: float = 0.95, resamples: int 
   `all_pairs_bootstrap_ci`.
 
   Args:
-    values: finite numbers, N >= 1 (any shape is flattened), e.g. LPIPS distances or 2AFC agreements.
+    values: finite numbers, N >= 2 (any shape is flattened), e.g. LPIPS distances or 2AFC agreements.
     confidence: in (0, 1).
     resamples: number of bootstrap resamples, >= 1.
     seed: the seed of the resampling; equal seeds give equal results.
@@ -61,11 +63,11 @@ def bootstrap_ci(values: ArrayLike, *, confidence: float = 0.95, resamples: int 
     >>> round(score.mean, 3), score.low <= score.mean <= score.high
     (0.2, True)
   """
+  level = _check_options(confidence, resamples, seed)
   x = _check("values", values)
-  level = _check_options(confidence, resamples)
   means = _resampled_means(x, resamples, np.random.default_rng(seed))
   low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-  return Interval(float(np.mean(x)), float(low), float(high))
+  return Interval(_mean(x), float(low), float(high))
 
 
 def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
@@ -75,10 +77,11 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, re
   Items are resampled jointly (the same indices for `a` and `b`), so what the two scores share per item (an easy
   triplet is easy for both metrics) cancels, which makes this much tighter than two separate intervals.
   The p-value is `2 * min(P*(diff <= 0), P*(diff >= 0))` over the resampled differences, with one pseudo-count
-  each so it is never 0, capped at 1: it is below `1 - confidence` about exactly when the interval excludes 0.
+  each so it is never 0, capped at 1: it is below `1 - confidence` about exactly when the interval excludes 0. A
+  difference that is the same on every item has no spread to resample: an InputError, not an interval.
 
   Args:
-    a, b: per-item values of two metrics on the same items, finite, N >= 1 each (flattened), item i of `a`
+    a, b: per-item values of two metrics on the same items, finite, N >= 2 each (flattened), item i of `a`
       paired with item i of `b`.
     confidence, resamples, seed: as in `bootstrap_ci`.
 
@@ -93,16 +96,19 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, re
     >>> result.low > 0, result.p_value < 0.01
     (True, True)
   """
+  level = _check_options(confidence, resamples, seed)
   x, y = _check("a", a), _check("b", b)
   if x.size != y.size:
     raise InputError(f"a and b must score the same items; got {x.size} and {y.size} values")
-  level = _check_options(confidence, resamples)
   diff = x - y
+  if np.all(diff == diff[0]):
+    raise InputError(f"a - b is {diff[0]:g} on every one of the {diff.size} items: the difference has no spread to "
+                     f"resample, so there is no interval or p-value; report the difference itself")
   means = _resampled_means(diff, resamples, np.random.default_rng(seed))
   low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
   tail = min(int(np.count_nonzero(means <= 0)), int(np.count_nonzero(means >= 0)))
   p_value = min(1.0, 2 * (tail + 1) / (resamples + 1))
-  return PairedDifference(float(np.mean(diff)), float(low), float(high), p_value)
+  return PairedDifference(_mean(diff), float(low), float(high), p_value)
 
 
 def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
@@ -117,19 +123,21 @@ def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resam
 
   Args:
     matrix: the symmetric [N, N] distances (`lpips_jax.pairwise(params, x)`, or `pairs_matrix` of the values in
-      pair order), N >= 2, finite off the diagonal; the diagonal is ignored.
+      pair order), N >= 3, finite off the diagonal; the diagonal is ignored.
     confidence, resamples, seed: as in `bootstrap_ci`.
 
   Returns:
     `Interval(mean, low, high)`: `mean` is the plain mean over the N(N-1)/2 pairs.
   """
+  level = _check_options(confidence, resamples, seed)
   d = np.asarray(matrix, np.float64)
   if d.ndim != 2 or d.shape[0] != d.shape[1]:
     raise InputError(f"matrix has shape {d.shape}; expected the square [N, N] matrix of distances (pairs_matrix "
                      f"turns the values of all pairs, in pair order, into one)")
   n = d.shape[0]
-  if n < 2:
-    raise InputError(f"matrix holds {n} image{'s' * (n != 1)}; the pairs of a set need at least 2 images")
+  if n < LEAST_IMAGES:
+    raise InputError(f"matrix holds {n} image{'s' * (n != 1)}; an interval over the images needs at least "
+                     f"{LEAST_IMAGES} (the resamples of 2 images all hold their one pair)")
   d = d.copy()
   np.fill_diagonal(d, 0.0)
   _check("matrix", d)
@@ -137,8 +145,9 @@ def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resam
     i, j = np.argwhere(d != d.T)[0]
     raise InputError(f"matrix is not symmetric (entry [{i}, {j}] is {d[i, j]}, entry [{j}, {i}] is {d[j, i]}); "
                      f"pass the distances of one set with itself")
-  level = _check_options(confidence, resamples)
   rng = np.random.default_rng(seed)
+  scale = np.abs(d).max() or 1.0  # distances divided by their largest, so no sum of finite values overflows
+  d = d / scale
   rows = max(1, _CHUNK // n)  # resamples per chunk: the counts [rows, N] and their product with D
   stats = np.empty(resamples, np.float64)
   for start in range(0, resamples, rows):
@@ -149,7 +158,7 @@ def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resam
     stats[start:stop] = np.where(pairs > 0, total / np.maximum(pairs, 1), np.nan)
   # A resample that drew one image N times holds no pair (probability N^(1-N): 1/9 for 3 images): left out.
   low, high = np.nanquantile(stats, [(1 - level) / 2, (1 + level) / 2])
-  return Interval(float(d[np.triu_indices(n, 1)].mean()), float(low), float(high))
+  return Interval(scale * float(d[np.triu_indices(n, 1)].mean()), scale * float(low), scale * float(high))
 
 
 def pairs_matrix(values: ArrayLike, n: int) -> np.ndarray:
@@ -171,17 +180,33 @@ def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) ->
   """
   n = x.size
   rows = max(1, _CHUNK // n)
+  scale = np.abs(x).max() or 1.0  # as `_mean`
+  x = x / scale
   means = np.empty(resamples, np.float64)
   for start in range(0, resamples, rows):
     stop = min(start + rows, resamples)
     means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-  return means
+  return means * scale
+
+
+def _mean(x: np.ndarray) -> float:
+  """The mean of finite values, never inf: computed on the values divided by their largest magnitude (the sum of
+  three values of 1e308 overflows, their mean does not)."""
+  scale = np.abs(x).max() or 1.0
+  return float(np.mean(x / scale) * scale)
 
 
 def _check(name: str, values: ArrayLike) -> np.ndarray:
-  x = np.asarray(values, np.float64).reshape(-1)
+  try:
+    x = np.asarray(values, np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    raise InputError(f"{name} must be numbers (an array or a list of floats); got {type(values).__name__} "
+                     f"{values!r:.60}") from None
   if x.size == 0:
-    raise InputError(f"{name} is empty; a bootstrap needs at least one value")
+    raise InputError(f"{name} is empty; a bootstrap needs at least {LEAST_ITEMS} values")
+  if x.size < LEAST_ITEMS:
+    raise InputError(f"{name} holds 1 value; a bootstrap interval needs at least {LEAST_ITEMS} (one item has no "
+                     f"spread to resample)")
   bad = ~np.isfinite(x)
   if bad.any():
     raise InputError(f"{name} holds {np.count_nonzero(bad)} non-finite values (first at flat index "
@@ -189,9 +214,16 @@ def _check(name: str, values: ArrayLike) -> np.ndarray:
   return x
 
 
-def _check_options(confidence: float, resamples: int) -> float:
-  if not 0 < confidence < 1:
-    raise InputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
-  if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
+def _check_options(confidence: float, resamples: int, seed: int) -> float:
+  real = isinstance(confidence, (int, float, np.integer, np.floating)) and not isinstance(confidence, bool)
+  if not (real and 0 < confidence < 1):
+    raise InputError(f"confidence must be a number in (0, 1), e.g. 0.95; got {confidence!r}")
+  if not _is_int(resamples) or resamples < 1:
     raise InputError(f"resamples must be a positive integer, e.g. 10_000; got {resamples!r}")
+  if not _is_int(seed) or seed < 0:
+    raise InputError(f"seed must be a non-negative integer (numpy's default_rng seeds); got {seed!r}")
   return float(confidence)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -3,6 +3,7 @@ silently wrong: images at their full precision, no clobbered inputs, unambiguous
 batches bounded by memory)."""
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -650,3 +651,86 @@ def test_every_output_goes_into_a_folder_created_for_it(tmp_path):
                tmp_path / "b" / "c" / "map.png")
   assert result.returncode == 0, result.stderr
   assert (tmp_path / "a" / "ref.csv").is_file() and (tmp_path / "b" / "c" / "map.png").is_file()
+
+
+# -- nothing silently wrong on resume: its settings, its rows, one writer -----------------------------------------------
+
+def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_path, capsys):
+  a, b = folder_of_pairs(tmp_path, 6)
+  out, partial = tmp_path / "out.csv", tmp_path / "out.csv.partial"
+  assert cli.main([str(a), str(b), "-o", str(out)]) == 0
+  assert json.loads((tmp_path / "out.csv.json").read_text())["net"] == "alex"
+  whole = out.read_bytes()
+  partial.write_bytes(b"".join(whole.splitlines(keepends=True)[:4]))  # a killed run's first three rows
+  capsys.readouterr()
+  for flags, named in ((["--net", "squeeze"], "net alex (now squeeze)"), (["--version", "0.0"], "version 0.1 (now 0.0)"),
+                       (["--dtype", "bfloat16"], "dtype float32 (now bfloat16)"),
+                       (["--resize", "--net", "vgg"], "net alex (now vgg), resize False (now True)")):
+    assert cli.main([str(a), str(b), "-o", str(out), "--resume", *flags]) == 1
+    assert capsys.readouterr().err == (f"lpips-jax: error: cannot resume {partial}: it was computed with other "
+                                       f"settings: {named}; resume with its settings, or write this run to another "
+                                       f"-o\n")
+  assert partial.read_bytes() == b"".join(whole.splitlines(keepends=True)[:4]) and out.read_bytes() == whole
+  partial.unlink()  # a complete file resumed under another net: refused too, not relabelled
+  assert cli.main([str(a), str(b), "-o", str(out), "--resume", "--net", "squeeze"]) == 1
+  assert f"cannot resume {out}: it was computed with other settings: net alex (now squeeze)" in capsys.readouterr().err
+  assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 0 and out.read_bytes() == whole  # its own: kept
+  (tmp_path / "out.csv.json").unlink()  # a CSV without its record cannot be checked
+  assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax: error: {out} has no record of the settings that computed it "
+                                     f"({tmp_path / 'out.csv.json'} is missing): its rows cannot be checked; run "
+                                     f"without --resume to compute them again\n")
+
+
+def test_all_pairs_resume_checks_its_settings_too(tmp_path, capsys):
+  a, _ = folder_of_pairs(tmp_path, 5)
+  out = tmp_path / "all.csv"
+  assert cli.main([str(a), "-o", str(out)]) == 0
+  assert cli.main([str(a), "-o", str(out), "--resume", "--net", "squeeze"]) == 1
+  assert "it was computed with other settings: net alex (now squeeze)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-5.000000", "nan", "inf"])
+def test_a_resumed_row_that_is_not_a_distance_is_refused_naming_the_file_and_line(value, tmp_path, capsys):
+  a, b = folder_of_pairs(tmp_path, 4)
+  out, partial = tmp_path / "out.csv", tmp_path / "out.csv.partial"
+  assert cli.main([str(a), str(b), "-o", str(out)]) == 0
+  lines = out.read_text().splitlines(keepends=True)
+  lines[2] = lines[2].rsplit(",", 1)[0] + f",{value}\n"  # the second pair's distance, edited
+  partial.write_text("".join(lines[:3]))
+  capsys.readouterr()
+  assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax: error: {partial} line 3 has the distance '{value}', which is not a "
+                                     f"finite number >= 0: the file was edited or damaged; remove it, or run without "
+                                     f"--resume\n")
+
+
+def test_an_output_has_one_writer_at_a_time(tmp_path, capsys):
+  from lpips_jax.command.csvfile import one_writer
+
+  a, b = folder_of_pairs(tmp_path, 3)
+  out = tmp_path / "same.csv"
+  with one_writer(out):  # another command writing same.csv (flock: per open file, so also within one process)
+    assert cli.main([str(a), str(b), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (f"lpips-jax: error: {out} is being written by another lpips-jax (process "
+                                       f"{os.getpid()}): wait for it to end, or choose another -o\n")
+    assert cli.main([str(IMAGES / "ex_ref.png"), str(IMAGES / "ex_p0.png"), "--spatial", str(out)]) == 1
+    assert "is being written by another lpips-jax" in capsys.readouterr().err
+  assert not out.exists() and not (tmp_path / "same.csv.partial").exists()  # the refused runs wrote nothing
+  assert cli.main([str(a), str(b), "-o", str(out)]) == 0 and len(distances(out.read_text())) == 3  # free again
+
+
+def test_one_pair_has_no_interval_and_says_so(tmp_path, capsys):
+  a, b = folder_of_pairs(tmp_path, 1)
+  assert cli.main([str(a), str(b)]) == 0
+  err = capsys.readouterr().err.splitlines()[-1]
+  assert err.startswith("lpips-jax: 1 pair, mean ") and err.endswith(
+      "; no confidence interval: a bootstrap needs at least 2 pairs")
+  for name in ("x.png", "y.png"):  # two images: all pairs mode has one pair, and resamples of 2 images hold only it
+    shutil.copy(IMAGES / "ex_ref.png" if name == "x.png" else IMAGES / "ex_p0.png", tmp_path / name)
+  (tmp_path / "two").mkdir()
+  for name in ("x.png", "y.png"):
+    shutil.move(tmp_path / name, tmp_path / "two" / name)
+  assert cli.main([str(tmp_path / "two")]) == 0
+  assert capsys.readouterr().err.splitlines()[-1].endswith(
+      "; no confidence interval: a bootstrap over the images needs at least 3 images")

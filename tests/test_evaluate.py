@@ -267,3 +267,48 @@ def test_eval_command_writes_json_atomically(tmp_path, monkeypatch):
                                       "--json", str(out)])
   assert json.loads(out.read_text()) == scores
   assert sorted(p.name for p in tmp_path.iterdir()) == ["2afc", "scores.json"]  # no temporary file left
+
+
+def test_eval_on_one_triplet_prints_no_interval_rather_than_a_zero_width_one(tmp_path, capsys):
+  from lpips_jax.train import eval_main
+
+  write_set(tmp_path / "2afc" / "val" / "one", "2afc", n=1)
+  eval_main.eval_command(["--dataroot", str(tmp_path), "--datasets", "val/one", "--compare", "squeeze",
+                          "--resamples", "50"])
+  out = capsys.readouterr().out
+  assert "(no interval: 1 triplet; a bootstrap needs at least 2)" in out, out
+  assert re.search(r"minus squeeze: [+-]\d+\.\d\d \(no interval: 1 triplet; a bootstrap needs at least 2\)", out), out
+  assert "p = " not in out and "CI" not in out
+
+
+def test_eval_compare_of_identical_choices_says_there_is_no_spread(tmp_path, capsys):
+  from lpips_jax.train import eval_main
+
+  write_set(tmp_path / "2afc" / "val" / "mine", "2afc", n=4)
+  eval_main.eval_command(["--dataroot", str(tmp_path), "--datasets", "val/mine", "--compare", "alex",
+                          "--resamples", "50"])
+  assert "minus alex: +0.00 on every triplet (no interval or p-value: no spread to resample)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("same,kind", [(0.0, "no pair was judged the same"), (1.0, "every pair was judged the same")])
+def test_a_jnd_set_without_both_kinds_of_pairs_is_one_line(same, kind, tmp_path, capsys):
+  from lpips_jax.train import eval_main
+
+  root = write_set(tmp_path / "jnd" / "val" / "flat", "jnd", n=3)
+  for path in (root / "same").iterdir():
+    np.save(path, np.array([same]))
+  assert eval_main.main(["--mode", "jnd", "--dataroot", str(tmp_path), "--datasets", "val/flat"]) == 1
+  assert capsys.readouterr().err == (f"lpips-jax eval: error: JND set {tmp_path / 'jnd' / 'val' / 'flat'}: {kind}, "
+                                     f"and the mAP needs pairs judged the same and pairs judged different; check its "
+                                     f"same/ files\n")
+
+
+@pytest.mark.parametrize("flag", ["--compare", "--weights"])
+def test_an_empty_weights_name_is_refused(flag, capsys):
+  from lpips_jax.train import eval_main
+
+  with pytest.raises(SystemExit) as caught:
+    eval_main.main([flag, ""])
+  assert caught.value.code == 2
+  assert capsys.readouterr().err.startswith(f"lpips-jax eval: error: {flag} is empty; give a net name (alex, vgg, "
+                                            f"squeeze) or the path of a .safetensors file")

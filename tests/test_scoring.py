@@ -108,3 +108,27 @@ def test_rematerialised_trunk_gives_the_same_values_and_gradient(net):
   for options in ({}, {"spatial": True}, {"per_layer": True}):
     plain, remat = (lpips_jax.distance(params, a, b, remat=r, **options) for r in (False, True))
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-7, rtol=1e-6), plain, remat)
+
+
+def test_a_step_holds_at_most_the_pairs_there_are_and_the_pixel_budget(monkeypatch):
+  from lpips_jax import scoring
+
+  seen = []
+  real = scoring._padded
+
+  def recording(items, size):
+    for tag, arrays, n, is_real in real(items, size):
+      seen.append(arrays[0].shape)
+      yield tag, arrays, n, is_real
+
+  monkeypatch.setattr(scoring, "_padded", recording)
+  a, b = pairs(10, size=32)
+  d = score_pairs(params_of("alex"), a, b, batch_size=60_000)  # was padded to 60,000 pairs (6.4 GB, a minute)
+  assert [s[0] for s in seen] == [16]  # 10 pairs, rounded up to the 8 devices
+  np.testing.assert_allclose(d, lpips_jax.distance(params_of("alex"), a, b), rtol=1e-5, atol=1e-6)
+  seen.clear()
+  budget = 2 * (2 * 32 * 32)  # two pairs' pixels: a step of 2 pairs, rounded up to the 8 devices
+  d = score_pairs(params_of("alex"), a, b, batch_size=60_000, batch_pixels=budget)
+  assert [s[0] for s in seen] == [8, 8]
+  np.testing.assert_allclose(d, lpips_jax.distance(params_of("alex"), a, b), rtol=1e-5, atol=1e-6)
+  assert scoring.BATCH_PIXELS == {net: scoring.BATCH_BYTES // b for net, b in scoring.BYTES_PER_PIXEL.items()}

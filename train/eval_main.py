@@ -62,6 +62,9 @@ def eval_command(argv: list[str]) -> dict[str, float]:
   for name in ("batch_size", "resamples"):
     if getattr(args, name) < 1:
       p.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+  for name in ("weights", "compare"):
+    if getattr(args, name) is not None and not getattr(args, name).strip():
+      p.error(f"{flag(name)} is empty; give a net name ({', '.join(NETS)}) or the path of a .safetensors file")
   bombs_are_errors()
   return score(args)
 
@@ -77,6 +80,10 @@ def score(args: argparse.Namespace) -> dict[str, float]:
   scores = {}
   for name in args.datasets or SETS[args.mode]:
     data = read([Path(args.dataroot) / args.mode / name])
+    if args.mode == "jnd" and not (np.any(data.same > 0) and np.any(data.same < 1)):
+      kind = "no pair was judged the same" if not np.any(data.same > 0) else "every pair was judged the same"
+      raise InputError(f"JND set {Path(args.dataroot) / args.mode / name}: {kind}, and the mAP needs pairs judged "
+                       f"the same and pairs judged different; check its same/ files")
     items = _items(params, data, args, name)
     scores[name] = float(items.mean()) if args.mode == "2afc" else _jnd(items, data.same)
     print(f"  Dataset [{name}]: {100 * scores[name]:.2f} {_interval(items, data, args)}", flush=True)
@@ -114,9 +121,13 @@ def _jnd(d, same) -> float:
 
 
 def _interval(items, data, args) -> str:
-  """'(95% CI a-b)' of a 2AFC score (bootstrap of the mean agreement) or a JND mAP (bootstrap over pairs)."""
-  from lpips_jax.stats import bootstrap_ci
+  """'(95% CI a-b)' of a 2AFC score (bootstrap of the mean agreement) or a JND mAP (bootstrap over pairs); '(no
+  interval: ...)' for a set of one example, which has no spread to resample."""
+  from lpips_jax.stats import LEAST_ITEMS, bootstrap_ci
 
+  if len(items) < LEAST_ITEMS:
+    return f"(no interval: {len(items)} {'triplet' if args.mode == '2afc' else 'pair'}; a bootstrap needs at least " \
+           f"{LEAST_ITEMS})"
   if args.mode == "2afc":
     ci = bootstrap_ci(items, resamples=args.resamples)
     low, high = ci.low, ci.high
@@ -130,10 +141,15 @@ def _interval(items, data, args) -> str:
 
 def _difference(items, other, data, args) -> str:
   """The --compare line: weights minus compared weights, with the paired-bootstrap interval and p-value (2AFC)."""
-  from lpips_jax.stats import paired_bootstrap
+  from lpips_jax.stats import LEAST_ITEMS, paired_bootstrap
 
   if args.mode != "2afc":
     return f"compared: {100 * _jnd(other, data.same):.2f} (paired intervals are computed for 2AFC only)"
+  difference = 100 * float(np.mean(items - other))
+  if len(items) < LEAST_ITEMS:
+    return f"minus {args.compare}: {difference:+.2f} (no interval: 1 triplet; a bootstrap needs at least {LEAST_ITEMS})"
+  if np.all(items - other == items[0] - other[0]):
+    return f"minus {args.compare}: {difference:+.2f} on every triplet (no interval or p-value: no spread to resample)"
   diff = paired_bootstrap(items, other, resamples=args.resamples)
   return (f"minus {args.compare}: {100 * diff.difference:+.2f} (95% CI {100 * diff.low:+.2f} to "
           f"{100 * diff.high:+.2f}, p = {diff.p_value:.3g})")

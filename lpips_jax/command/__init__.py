@@ -35,11 +35,12 @@ from PIL import Image
 
 from lpips_jax import runner, stats
 from lpips_jax.checks import check_positive_int, check_structure
-from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, csv_rows, formatted_rows, write_stdout
+from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, csv_rows, formatted_rows, one_writer, write_stdout
 from lpips_jax.command.pairs import all_pair_distances, pairs_of, progress_bar, ref_distances, stream_pair_distances
 from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write, bombs_are_errors
 from lpips_jax.layout import VERSIONS
+from lpips_jax.scoring import BATCH_BYTES, BATCH_PIXELS
 from lpips_jax.weights import load
 
 # The jobs beyond distances: `lpips-jax JOB ARGS` is `python -m MODULE ARGS` (each module's main(argv), which goes
@@ -47,12 +48,6 @@ from lpips_jax.weights import load
 JOBS = {"convert": "lpips_jax.convert.__main__", "train": "lpips_jax.train.main", "eval": "lpips_jax.train.eval_main",
         "synthetic": "lpips_jax.train.synthetic"}
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-# The command's peak memory per pixel of a batch's pairs (2 H W per pair), in bytes: the growth of its peak RSS from
-# 3 pairs of 1000x1000 to 3 pairs of 2000x2000 at --batch-size 1 (float32, one CPU device; README, "The `lpips-jax`
-# command"). It counts the trunk's activations and the host's decoded images, queued batches and padding.
-BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639}
-BATCH_BYTES = 2**30  # the memory one batch may take
-BATCH_PIXELS = {net: BATCH_BYTES // b for net, b in BYTES_PER_PIXEL.items()}
 OOM_HINT = "lower --batch-size, or compare fewer or smaller images at a time"
 PROG = "lpips-jax"
 
@@ -119,6 +114,14 @@ def run(args: argparse.Namespace) -> None:
   if args.resume and (mode == "ref" or args.out is None):
     raise InputError("--resume continues a CSV written with -o (directory modes)")
   check_outputs(pairs, {"-o": args.out, "--spatial": args.spatial})
+  with contextlib.ExitStack() as held:
+    for out in filter(None, (args.out, args.spatial)):  # one command at a time writes each output
+      held.enter_context(one_writer(out))
+    compute(args, pairs, mode)
+
+
+def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str) -> None:
+  """Load the weights, compute the pairs' distances and write them (the outputs are held)."""
   params = load(args.net, args.version)
   options = dict(resize=args.resize, batch_size=args.batch_size, batch_pixels=BATCH_PIXELS[check_structure(params).net],
                  dtype=DTYPES[args.dtype])
@@ -135,7 +138,10 @@ def run(args: argparse.Namespace) -> None:
       heat_map(params, *pairs[0], args.spatial, resize=args.resize, vmax=args.spatial_max)
       runner.note(f"heat map written to {args.spatial}")
     return
-  with csv_rows(args.out, pairs, resume=args.resume) as (done, write):
+  # What a resumed CSV must have been computed with: the rows of one run never mix two metrics.
+  settings = {"net": check_structure(params).net, "version": args.version, "lpips": True, "dtype": args.dtype,
+              "resize": args.resize, "mode": mode, "inputs": [os.fsdecode(p.resolve()) for p in args.paths]}
+  with csv_rows(args.out, pairs, resume=args.resume, settings=settings) as (done, write):
     values = list(done)
     with progress_bar(len(pairs), True, initial=len(done)) as bar, contextlib.closing(
         all_pair_distances(params, pairs, len(done), **options) if mode == "all" else
@@ -189,12 +195,17 @@ def summary(values: list[float], *, images: int | None = None) -> str:
   not minutes; the interval's own sampling error stays small against its width.
   """
   d = np.asarray(values, np.float64)
-  work = 10**8 // max(len(d), 1) if images is None else 10**10 // max(images * images, 1)
+  head = f"{len(d)} pair{'s' * (len(d) != 1)}, mean {d.mean():.6f}, std {d.std():.6f}, median {np.median(d):.6f}"
+  if images is None and len(d) < stats.LEAST_ITEMS:
+    return f"{head}; no confidence interval: a bootstrap needs at least {stats.LEAST_ITEMS} pairs"
+  if images is not None and images < stats.LEAST_IMAGES:
+    return f"{head}; no confidence interval: a bootstrap over the images needs at least {stats.LEAST_IMAGES} images"
+  work = 10**8 // len(d) if images is None else 10**10 // (images * images)
   resamples = int(min(10_000, max(200, work)))
   if images is None:
     ci, unit = stats.bootstrap_ci(d, resamples=resamples), "pairs"
   else:
     ci = stats.all_pairs_bootstrap_ci(stats.pairs_matrix(d, images), resamples=resamples)
     unit = f"the {images} images"
-  return (f"{len(d)} pairs, mean {ci.mean:.6f}, std {d.std():.6f}, median {np.median(d):.6f}, 95% CI of the mean "
-          f"[{ci.low:.6f}, {ci.high:.6f}] (bootstrap over {unit}, {resamples} resamples)")
+  return (f"{head}, 95% CI of the mean [{ci.low:.6f}, {ci.high:.6f}] (bootstrap over {unit}, {resamples} "
+          f"resamples)")

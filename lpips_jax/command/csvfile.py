@@ -2,18 +2,23 @@
 
 Any file name is quoted by the csv module and written in the bytes the file system gives it. With -o FILE the rows
 go into FILE.partial, renamed to FILE when the run completes; `--resume` keeps the complete rows of a killed or
-interrupted run and continues after them.
+interrupted run and continues after them, only under the settings that computed them (recorded in FILE.json) and
+only rows that are distances (finite, >= 0). One command at a time writes FILE (`one_writer`).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import json
+import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from lpips_jax.errors import InputError
+from lpips_jax.files import atomic_write
 
 HEADER = ["a", "b", "distance"]
 CHUNK_ROWS = 4096  # CSV rows per write: each chunk is one os.write of whole rows
@@ -24,7 +29,34 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def csv_rows(out: Path | None, pairs: list[tuple[Path, Path]], *, resume: bool):
+def one_writer(out: Path) -> Iterator[None]:
+  """Hold `out` for this command: an exclusive lock (flock) on the hidden `.OUT.lock` beside it, which the OS
+  releases when the process ends, however it ends. A second command writing `out` meanwhile is an InputError at
+  once, before any work, rather than two runs interleaving their rows."""
+  import fcntl
+
+  out.parent.mkdir(parents=True, exist_ok=True)  # as every output of the command: its folder is created
+  with open(out.with_name(f".{out.name}.lock"), "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      pid = lock.read().strip()
+      raise InputError(f"{out} is being written by another lpips-jax{f' (process {pid})' if pid else ''}: wait for "
+                       f"it to end, or choose another -o") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # for the message above: who writes the file
+    lock.flush()
+    yield
+
+
+def settings_file(out: Path) -> Path:
+  """Where the settings that computed `out` are recorded: `OUT.json`."""
+  return out.with_name(out.name + ".json")
+
+
+@contextlib.contextmanager
+def csv_rows(out: Path | None, pairs: list[tuple[Path, Path]], *, resume: bool, settings: dict | None = None):
   """The CSV of a directory run: yields `(done, write)`, the distances already computed (with `resume`) and a
   function `write(pairs, values)` that appends rows.
 
@@ -32,8 +64,9 @@ def csv_rows(out: Path | None, pairs: list[tuple[Path, Path]], *, resume: bool):
   buffering, so a killed run leaves complete rows there (a row torn by a kill mid-write is dropped by --resume);
   when the block completes, the file is flushed to disk and renamed to `out`, so `out` is only ever a whole CSV.
   With `resume`, the rows of `OUT.partial` (or, if there is none, of `out`) must be the first pairs of this run, in
-  order; the complete ones are kept and the run continues after them. Ctrl-C in the block is an `Interrupted`
-  saying what was written.
+  order, computed with the same `settings` (`OUT.json`, written before the first row of a new run), and each a
+  distance; the complete ones are kept and the run continues after them. Ctrl-C in the block is an `Interrupted`
+  saying what was written. The caller holds `out` (`one_writer`).
   """
   count = 0
 
@@ -52,14 +85,18 @@ def csv_rows(out: Path | None, pairs: list[tuple[Path, Path]], *, resume: bool):
   partial = out.with_name(out.name + ".partial")
   partial.parent.mkdir(parents=True, exist_ok=True)  # as every output of the command: its folder is created
   source = next((p for p in (partial, out) if resume and p.exists()), None)
+  if source:
+    _check_settings(source, settings_file(out), settings)
   done, prefix = _read_rows(source, pairs) if source else ([], csv_bytes([HEADER]))
   if source == partial:
     fd = os.open(partial, os.O_WRONLY)
     os.ftruncate(fd, len(prefix))
     os.lseek(fd, len(prefix), os.SEEK_SET)
-  else:
+  else:  # a new run: the partial file first, then its settings (a kill between leaves no row to misattribute)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     _write_all(fd, prefix)
+    if settings is not None:
+      atomic_write(settings_file(out), json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n")
   count = len(done)
   try:
     yield done, lambda pairs, values: _write_all(fd, rows_of(pairs, values))
@@ -99,6 +136,30 @@ def _write_all(fd: int, data: bytes) -> None:
     view = view[os.write(fd, view):]
 
 
+def _check_settings(source: Path, record: Path, settings: dict | None) -> None:
+  """An InputError naming each difference unless `record` holds `settings`: the rows of `source` were computed
+  under them."""
+  if settings is None:
+    return
+  try:
+    saved = json.loads(record.read_text())
+  except FileNotFoundError:
+    raise InputError(f"{source} has no record of the settings that computed it ({record} is missing): its rows "
+                     f"cannot be checked; run without --resume to compute them again") from None
+  except (OSError, ValueError) as e:
+    raise InputError(f"{record} is damaged ({type(e).__name__}); run without --resume to compute {source} again") \
+        from None
+  differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+  if differ:
+    raise InputError(f"cannot resume {source}: it was computed with other settings: " + ", ".join(
+        f"{k} {_setting(saved.get(k))} (now {_setting(settings.get(k))})" for k in differ) + "; resume with its "
+        "settings, or write this run to another -o")
+
+
+def _setting(value) -> str:
+  return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _read_rows(path: Path, pairs: list[tuple[Path, Path]]) -> tuple[list[float], bytes]:
   """The distances of the complete rows of a previous run's CSV, and the bytes of its header and those rows."""
   text = os.fsdecode(path.read_bytes())
@@ -113,13 +174,17 @@ def _read_rows(path: Path, pairs: list[tuple[Path, Path]]) -> tuple[list[float],
     if k >= len(pairs) or not text.startswith(row, length) or len(record) != 3:
       break  # the torn last row of a killed run (or not ours: checked below)
     if (record[0], record[1]) != (str(pairs[k][0]), str(pairs[k][1])):
-      raise InputError(f"{path} row {k + 2} is the pair {record[0]}, {record[1]}, but this run's pair {k + 1} is "
-                         f"{pairs[k][0]}, {pairs[k][1]}: it was written for other inputs; remove it or choose "
-                         f"another -o")
+      raise InputError(f"{path} line {k + 2} is the pair {record[0]}, {record[1]}, but this run's pair {k + 1} is "
+                       f"{pairs[k][0]}, {pairs[k][1]}: it was written for other inputs; remove it or choose "
+                       f"another -o")
     try:
-      done.append(float(record[2]))
+      value = float(record[2])
     except ValueError:
       break
+    if not (math.isfinite(value) and value >= 0):
+      raise InputError(f"{path} line {k + 2} has the distance {record[2]!r}, which is not a finite number >= 0: the "
+                       f"file was edited or damaged; remove it, or run without --resume")
+    done.append(value)
     length += len(row)
   if length < len(text) and text[length:].count("\n") > 1:  # more than one torn row: the file was edited
     raise InputError(f"{path} has rows after row {len(done) + 1} that are not this run's; remove it or choose "
