@@ -23,7 +23,6 @@ from lpips_jax.checks import check_images, check_mesh, check_params, check_posit
 from lpips_jax.errors import InputError
 from lpips_jax.lpips import pipeline
 
-
 # The peak memory per pixel of a batch's pairs (2 H W per pair), in bytes, measured through the command: the growth
 # of its peak RSS from 3 pairs of 1000x1000 to 3 pairs of 2000x2000 at --batch-size 1 (float32, one CPU device;
 # README, "The `lpips-jax` command"). It counts the trunk's activations and the host's decoded images, queued batches

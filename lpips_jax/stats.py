@@ -97,18 +97,20 @@ def paired_bootstrap(a: ArrayLike, b: ArrayLike, *, confidence: float = 0.95, re
     (True, True)
   """
   level = _check_options(confidence, resamples, seed)
-  x, y = _check("a", a), _check("b", b)
+  x, y = _check("a", a, least=0), _check("b", b, least=0)
   if x.size != y.size:
     raise InputError(f"a and b must score the same items; got {x.size} and {y.size} values")
-  diff = x - y
+  _check("a", x)
+  scale = max(_scale(x), _scale(y))
+  diff = x / scale - y / scale  # exact unless the values are near float64's top, where a - b could overflow
   if np.all(diff == diff[0]):
-    raise InputError(f"a - b is {diff[0]:g} on every one of the {diff.size} items: the difference has no spread to "
-                     f"resample, so there is no interval or p-value; report the difference itself")
+    raise InputError(f"a - b is {diff[0] * scale:g} on every one of the {diff.size} items: the difference has no "
+                     f"spread to resample, so there is no interval or p-value; report the difference itself")
   means = _resampled_means(diff, resamples, np.random.default_rng(seed))
   low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
   tail = min(int(np.count_nonzero(means <= 0)), int(np.count_nonzero(means >= 0)))
   p_value = min(1.0, 2 * (tail + 1) / (resamples + 1))
-  return PairedDifference(_mean(diff), float(low), float(high), p_value)
+  return PairedDifference(scale * _mean(diff), scale * float(low), scale * float(high), p_value)
 
 
 def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resamples: int = 10_000,
@@ -146,7 +148,7 @@ def all_pairs_bootstrap_ci(matrix: ArrayLike, *, confidence: float = 0.95, resam
     raise InputError(f"matrix is not symmetric (entry [{i}, {j}] is {d[i, j]}, entry [{j}, {i}] is {d[j, i]}); "
                      f"pass the distances of one set with itself")
   rng = np.random.default_rng(seed)
-  scale = np.abs(d).max() or 1.0  # distances divided by their largest, so no sum of finite values overflows
+  scale = _scale(d)
   d = d / scale
   rows = max(1, _CHUNK // n)  # resamples per chunk: the counts [rows, N] and their product with D
   stats = np.empty(resamples, np.float64)
@@ -180,7 +182,7 @@ def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) ->
   """
   n = x.size
   rows = max(1, _CHUNK // n)
-  scale = np.abs(x).max() or 1.0  # as `_mean`
+  scale = _scale(x)
   x = x / scale
   means = np.empty(resamples, np.float64)
   for start in range(0, resamples, rows):
@@ -190,13 +192,19 @@ def _resampled_means(x: np.ndarray, resamples: int, rng: np.random.Generator) ->
 
 
 def _mean(x: np.ndarray) -> float:
-  """The mean of finite values, never inf: computed on the values divided by their largest magnitude (the sum of
-  three values of 1e308 overflows, their mean does not)."""
-  scale = np.abs(x).max() or 1.0
+  """The mean of finite values, never inf (the sum of three values of 1e308 overflows, their mean does not)."""
+  scale = _scale(x)
   return float(np.mean(x / scale) * scale)
 
 
-def _check(name: str, values: ArrayLike) -> np.ndarray:
+def _scale(x: np.ndarray) -> float:
+  """What to divide finite values by so that no sum of them overflows: 1 (exact) unless they are near the top of
+  float64's range, else their largest magnitude."""
+  top = float(np.abs(x).max()) if x.size else 0.0
+  return top if top > 1e300 else 1.0
+
+
+def _check(name: str, values: ArrayLike, least: int = LEAST_ITEMS) -> np.ndarray:
   try:
     x = np.asarray(values, np.float64).reshape(-1)
   except (TypeError, ValueError):
@@ -204,7 +212,7 @@ def _check(name: str, values: ArrayLike) -> np.ndarray:
                      f"{values!r:.60}") from None
   if x.size == 0:
     raise InputError(f"{name} is empty; a bootstrap needs at least {LEAST_ITEMS} values")
-  if x.size < LEAST_ITEMS:
+  if x.size < least:
     raise InputError(f"{name} holds 1 value; a bootstrap interval needs at least {LEAST_ITEMS} (one item has no "
                      f"spread to resample)")
   bad = ~np.isfinite(x)
@@ -217,7 +225,7 @@ def _check(name: str, values: ArrayLike) -> np.ndarray:
 def _check_options(confidence: float, resamples: int, seed: int) -> float:
   real = isinstance(confidence, (int, float, np.integer, np.floating)) and not isinstance(confidence, bool)
   if not (real and 0 < confidence < 1):
-    raise InputError(f"confidence must be a number in (0, 1), e.g. 0.95; got {confidence!r}")
+    raise InputError(f"confidence must be in (0, 1), a number such as 0.95; got {confidence!r}")
   if not _is_int(resamples) or resamples < 1:
     raise InputError(f"resamples must be a positive integer, e.g. 10_000; got {resamples!r}")
   if not _is_int(seed) or seed < 0:

@@ -571,7 +571,8 @@ def test_a_batch_is_bounded_by_its_pixels_as_well_as_its_pairs(tmp_path, monkeyp
     assert shape[0] <= scoring.batch_rows(32, scoring.row_pixels([shape[1:]] * 2), budget, mesh)
   assert max(s[0] for s in seen[1:] if s[1:3] == (48, 64)) == 8  # without the budget: up to 20 (all in one batch)
   np.testing.assert_allclose(values, [lpips_of(x, y) for x, y in pairs], atol=1e-6)
-  assert cli.BATCH_PIXELS == {net: cli.BATCH_BYTES // cli.BYTES_PER_PIXEL[net] for net in ("alex", "squeeze", "vgg")}
+  assert cli.BATCH_PIXELS == {net: scoring.BATCH_BYTES // scoring.BYTES_PER_PIXEL[net] for net in ("alex", "squeeze",
+                                                                                                  "vgg")}
 
 
 def test_images_decoded_ahead_are_bounded_by_pixels():
@@ -653,7 +654,7 @@ def test_every_output_goes_into_a_folder_created_for_it(tmp_path):
   assert (tmp_path / "a" / "ref.csv").is_file() and (tmp_path / "b" / "c" / "map.png").is_file()
 
 
-# -- nothing silently wrong on resume: its settings, its rows, one writer -----------------------------------------------
+# -- nothing silently wrong on resume: its settings, its rows, one writer ---------------------------------------------
 
 def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_path, capsys):
   a, b = folder_of_pairs(tmp_path, 6)
@@ -663,7 +664,8 @@ def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_pat
   whole = out.read_bytes()
   partial.write_bytes(b"".join(whole.splitlines(keepends=True)[:4]))  # a killed run's first three rows
   capsys.readouterr()
-  for flags, named in ((["--net", "squeeze"], "net alex (now squeeze)"), (["--version", "0.0"], "version 0.1 (now 0.0)"),
+  for flags, named in ((["--net", "squeeze"], "net alex (now squeeze)"),
+                       (["--version", "0.0"], "version 0.1 (now 0.0)"),
                        (["--dtype", "bfloat16"], "dtype float32 (now bfloat16)"),
                        (["--resize", "--net", "vgg"], "net alex (now vgg), resize False (now True)")):
     assert cli.main([str(a), str(b), "-o", str(out), "--resume", *flags]) == 1
@@ -675,6 +677,7 @@ def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_pat
   assert cli.main([str(a), str(b), "-o", str(out), "--resume", "--net", "squeeze"]) == 1
   assert f"cannot resume {out}: it was computed with other settings: net alex (now squeeze)" in capsys.readouterr().err
   assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 0 and out.read_bytes() == whole  # its own: kept
+  capsys.readouterr()
   (tmp_path / "out.csv.json").unlink()  # a CSV without its record cannot be checked
   assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 1
   assert capsys.readouterr().err == (f"lpips-jax: error: {out} has no record of the settings that computed it "

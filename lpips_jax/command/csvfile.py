@@ -31,23 +31,37 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def one_writer(out: Path) -> Iterator[None]:
   """Hold `out` for this command: an exclusive lock (flock) on the hidden `.OUT.lock` beside it, which the OS
-  releases when the process ends, however it ends. A second command writing `out` meanwhile is an InputError at
-  once, before any work, rather than two runs interleaving their rows."""
+  releases when the process ends, however it ends (a killed run leaves the file, unlocked). A second command writing
+  `out` meanwhile is an InputError at once, before any work, rather than two runs interleaving their rows. The lock
+  file is removed when the block ends."""
   import fcntl
 
   out.parent.mkdir(parents=True, exist_ok=True)  # as every output of the command: its folder is created
-  with open(out.with_name(f".{out.name}.lock"), "a+") as lock:
+  path = out.with_name(f".{out.name}.lock")
+  while True:
+    lock = open(path, "a+")
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       lock.seek(0)
       pid = lock.read().strip()
+      lock.close()
       raise InputError(f"{out} is being written by another lpips-jax{f' (process {pid})' if pid else ''}: wait for "
                        f"it to end, or choose another -o") from None
+    try:  # locked; but if its holder removed the file meanwhile, this lock is on a file no one else will open
+      if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+        break
+    except FileNotFoundError:
+      pass
+    lock.close()
+  try:
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")  # for the message above: who writes the file
     lock.flush()
     yield
+  finally:
+    path.unlink(missing_ok=True)  # while still locked: a waiting opener then sees a removed file and starts over
+    lock.close()
 
 
 def settings_file(out: Path) -> Path:
@@ -85,9 +99,9 @@ def csv_rows(out: Path | None, pairs: list[tuple[Path, Path]], *, resume: bool, 
   partial = out.with_name(out.name + ".partial")
   partial.parent.mkdir(parents=True, exist_ok=True)  # as every output of the command: its folder is created
   source = next((p for p in (partial, out) if resume and p.exists()), None)
-  if source:
-    _check_settings(source, settings_file(out), settings)
   done, prefix = _read_rows(source, pairs) if source else ([], csv_bytes([HEADER]))
+  if source:  # after the rows: a file of other pairs says so first
+    _check_settings(source, settings_file(out), settings)
   if source == partial:
     fd = os.open(partial, os.O_WRONLY)
     os.ftruncate(fd, len(prefix))
