@@ -68,13 +68,13 @@ def distances_command(argv: list[str]) -> None:
 
 def parser() -> argparse.ArgumentParser:
   budget = ", ".join(f"{net} {pixels / 1e6:.1f}" for net, pixels in BATCH_PIXELS.items())
+  epilog = textwrap.fill(f"Memory: a batch holds at most --batch-size pairs and at most the net's pixel budget "
+                         f"({budget} megapixels of its pairs, 2 H W per pair: about {BATCH_BYTES / 2**30:g} GiB at "
+                         f"the measured peak memory per pixel), so large images go fewer to a batch; a pair above the "
+                         f"budget is computed alone. REF IMG... and DIR hold all their images in memory (24 bytes per "
+                         f"pixel while stacked).", 79)
   p = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-              epilog=textwrap.fill(f"Memory: a batch holds at most --batch-size pairs and at most the net's pixel "
-                                   f"budget ({budget} megapixels of its pairs, 2 H W per pair: about "
-                                   f"{BATCH_BYTES / 2**30:g} GiB at the measured peak memory per pixel), so large "
-                                   f"images go fewer to a batch; a pair above the budget is computed alone. REF "
-                                   f"IMG... and DIR hold all their images in memory (24 bytes per pixel while "
-                                   f"stacked).", 79))
+                    epilog=epilog)
   p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
   p.add_argument("--net", default="alex", help="alex (default), vgg or squeeze")
   p.add_argument("--version", default="0.1", choices=list(VERSIONS))
