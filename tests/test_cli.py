@@ -656,6 +656,13 @@ def test_every_output_goes_into_a_folder_created_for_it(tmp_path):
 
 # -- nothing silently wrong on resume: its settings, its rows, one writer ---------------------------------------------
 
+def refused(argv, capsys) -> str:
+  """The one line of stderr of an in-process command that exits with status 1."""
+  capsys.readouterr()
+  assert cli.main([str(arg) for arg in argv]) == 1
+  return capsys.readouterr().err
+
+
 def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_path, capsys):
   a, b = folder_of_pairs(tmp_path, 6)
   out, partial = tmp_path / "out.csv", tmp_path / "out.csv.partial"
@@ -679,10 +686,10 @@ def test_a_resume_under_other_settings_is_refused_naming_each_difference(tmp_pat
   assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 0 and out.read_bytes() == whole  # its own: kept
   capsys.readouterr()
   (tmp_path / "out.csv.json").unlink()  # a CSV without its record cannot be checked
-  assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 1
-  assert capsys.readouterr().err == (f"lpips-jax: error: {out} has no record of the settings that computed it "
-                                     f"({tmp_path / 'out.csv.json'} is missing): its rows cannot be checked; run "
-                                     f"without --resume to compute them again\n")
+  record = tmp_path / "out.csv.json"
+  error = refused([a, b, "-o", out, "--resume"], capsys)
+  assert error == (f"lpips-jax: error: {out} has no record of the settings that computed it ({record} is missing): "
+                   f"its rows cannot be checked; run without --resume to compute them again\n")
 
 
 def test_all_pairs_resume_checks_its_settings_too(tmp_path, capsys):
@@ -701,11 +708,9 @@ def test_a_resumed_row_that_is_not_a_distance_is_refused_naming_the_file_and_lin
   lines = out.read_text().splitlines(keepends=True)
   lines[2] = lines[2].rsplit(",", 1)[0] + f",{value}\n"  # the second pair's distance, edited
   partial.write_text("".join(lines[:3]))
-  capsys.readouterr()
-  assert cli.main([str(a), str(b), "-o", str(out), "--resume"]) == 1
-  assert capsys.readouterr().err == (f"lpips-jax: error: {partial} line 3 has the distance '{value}', which is not a "
-                                     f"finite number >= 0: the file was edited or damaged; remove it, or run without "
-                                     f"--resume\n")
+  error = refused([a, b, "-o", out, "--resume"], capsys)
+  assert error == (f"lpips-jax: error: {partial} line 3 has the distance '{value}', which is not a finite number >= 0: "
+                   f"the file was edited or damaged; remove it, or run without --resume\n")
 
 
 def test_an_output_has_one_writer_at_a_time(tmp_path, capsys):
