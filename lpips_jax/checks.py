@@ -7,6 +7,7 @@ every caller.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import jax
@@ -45,10 +46,52 @@ def params_variant(params) -> Variant:
 def check_params(params) -> Variant:
   """The variant of `params`, after checking its structure, every array's shape, that every array is real floating
   point, and, for concrete arrays, that every value is finite. Traced params (under jit or grad) are checked for
-  structure, shape and dtype only: a NaN weight there gives NaN distances."""
+  structure, shape and dtype only: a NaN weight there gives NaN distances.
+
+  Params whose leaves are all concrete jax arrays (immutable) are checked once: the same arrays in the same
+  structure again cost one tree flatten (`lpips_jax.load`'s are recorded as checked when loaded). An edited dict
+  (a new array in it), a new pytree, numpy arrays (mutable in place) and tracers are checked at every call.
+  """
+  leaves, key = _checked_key(params)
+  known = _CHECKED.get(key) if key is not None else None
+  if known is not None and all(ref() is x for ref, x in zip(known[1], leaves)):
+    return known[0]
   v = check_structure(params)
   check_arrays(params, prefix="params ", fix=PARAMS_FIX)
+  if key is not None:
+    _remember(key, leaves, v)
   return v
+
+
+def mark_checked(params) -> None:
+  """Record concrete jax-array `params` whose values were checked elsewhere (`lpips_jax.load` checks the file's)."""
+  leaves, key = _checked_key(params)
+  if key is not None:
+    _remember(key, leaves, check_structure(params))
+
+
+# (treedef, the leaves' ids) of params already checked -> (variant, weak references to the leaves). The references
+# tell the same live arrays from new ones that reuse dead ones' ids, without keeping any array alive; the table
+# keeps the last _CHECKED_MOST entries.
+_CHECKED: dict = {}
+_CHECKED_MOST = 32
+
+
+def _checked_key(params) -> tuple[list, tuple | None]:
+  """The leaves of `params` and their `_CHECKED` key; the key is None unless every leaf is a concrete jax array."""
+  if not isinstance(params, Mapping):
+    return [], None
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if not leaves or not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in leaves):
+    return leaves, None
+  return leaves, (treedef, tuple(map(id, leaves)))
+
+
+def _remember(key: tuple, leaves: list, v: Variant) -> None:
+  _CHECKED.pop(key, None)
+  _CHECKED[key] = (v, [weakref.ref(x) for x in leaves])
+  while len(_CHECKED) > _CHECKED_MOST:
+    del _CHECKED[next(iter(_CHECKED))]
 
 
 def check_structure(params) -> Variant:
@@ -76,7 +119,7 @@ def check_arrays(tree, *, prefix: str, fix: str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise InputError(f"{prefix}{key} has dtype {dtype}; LPIPS weights are real floating-point arrays: {fix}")
   concrete = [(key, x) for key, x in leaves if not isinstance(x, jax.core.Tracer) and np.size(x)]
-  for (key, x), (low, high) in zip(concrete, _extrema([x for _, x in concrete])):
+  for (key, x), (low, high) in zip(concrete, _extrema([x for _, x in concrete]) if concrete else []):
     if not (np.isfinite(low) and np.isfinite(high)):
       raise InputError(f"{prefix}{key} has {_nonfinite(x)}: the weights are damaged (a diverged training run or "
                        f"a bad conversion); {fix}")
@@ -90,8 +133,7 @@ def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, s
   if jnp.shape(a) != jnp.shape(b):
     raise InputError(f"{names[0]} and {names[1]} must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} "
                      f"(resize one first)")
-  for name, x in zip(names, (a, b)):
-    _check_values(name, x, normalize)
+  _check_values(dict(zip(names, (a, b))), normalize)
 
 
 def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> None:
@@ -99,7 +141,7 @@ def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> Non
   NHWC [N, H, W, 3] (N may be 0), H and W at least the net's minimum, floating point, and, if concrete, finite and
   in [-1, 1] ([0, 1] with `normalize`). Traced values (under jit, grad, vmap) are unknown and not checked."""
   _check_layout(name, x, net)
-  _check_values(name, x, normalize)
+  _check_values({name: x}, normalize)
 
 
 def check_features(f0, f1, net: str) -> None:
@@ -131,7 +173,7 @@ def check_features(f0, f1, net: str) -> None:
                        f"of the same shape are needed")
   concrete = [(f"{name}[{k}]", t) for name, f in (("f0", f0), ("f1", f1)) for k, t in enumerate(f)
               if not isinstance(t, jax.core.Tracer) and np.size(t)]
-  for (name, t), (low, high) in zip(concrete, _extrema([t for _, t in concrete])):
+  for (name, t), (low, high) in zip(concrete, _extrema([t for _, t in concrete]) if concrete else []):
     if not (np.isfinite(low) and np.isfinite(high)):
       raise InputError(f"{name} has {_nonfinite(t)}: features of finite images are finite; check the images or "
                        f"params they came from")
@@ -253,20 +295,20 @@ def _check_layout(name: str, x, net: str) -> None:
                      f"(LPIPS was trained on 64x64 patches; upsample small images)")
 
 
-def _check_values(name: str, x, normalize: bool) -> None:
-  """Concrete images only: finite, and within the value range (with 1e-3 of slack for rounding)."""
-  if isinstance(x, jax.core.Tracer) or not np.size(x):
-    return  # values are unknown under jit/grad/vmap
-  (x_min, x_max), = _extrema([x])
-  if not (np.isfinite(x_min) and np.isfinite(x_max)):
-    raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
-                     f"replace them (jnp.nan_to_num)")
-  lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
-  if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
-    fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
-           else "pass [-1, 1] images without normalize=True, or clip")
-    raise InputError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
-                     f"{fix}")
+def _check_values(images: dict, normalize: bool) -> None:
+  """Concrete images only: finite, and within the value range (with 1e-3 of slack for rounding). The extrema of
+  all `images` (name -> array) come from one reduction and one read back to the host."""
+  concrete = {name: x for name, x in images.items() if not isinstance(x, jax.core.Tracer) and np.size(x)}
+  for (name, x), (x_min, x_max) in zip(concrete.items(), _extrema(list(concrete.values())) if concrete else []):
+    if not (np.isfinite(x_min) and np.isfinite(x_max)):
+      raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
+                       f"replace them (jnp.nan_to_num)")
+    lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
+    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+             else "pass [-1, 1] images without normalize=True, or clip")
+      raise InputError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                       f"{fix}")
 
 
 def _extrema(arrays: list) -> list[tuple[float, float]]:

@@ -87,7 +87,8 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
   v = check_params(params)
   check_features(f0, f1, v.net)
   spatial_size = check_spatial_size(spatial_size)
-  return _compare(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
+  pairs = [jnp.stack(_widest(t0, t1), axis=1) for t0, t1 in zip(f0, f1)]
+  return _compare(v, params, pairs, raw=False, spatial_size=spatial_size, per_layer=per_layer,
                   dropout_rng=dropout_rng)
 
 
@@ -96,33 +97,41 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
 def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, normalize: bool, dtype=None,
               precision=None, remat: bool = False):
   """`distance` of checked params (their `variant`, parsed once by the caller) and checked images."""
-  # Two trunk calls, as the official. XLA may compile them differently, so d(a, b) and d(b, a), or d(x, x) and 0,
-  # can differ in the last bits (~1e-16); running both through one `lax.map` loop would make them bitwise equal but
-  # makes the backward pass several times slower on CPU.
-  t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
-  return _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
-                  per_layer=per_layer, remat=remat)
+  # One trunk pass over the pairs' 2N images, interleaved (a_0, b_0, a_1, ...), and one normalisation of each
+  # layer's taps: both images of a pair go through the same compiled computation, so d(x, x) is exactly 0 and
+  # d(a, b) == d(b, a) bitwise, as in the official's two calls of one module (two calls here may compile, e.g.
+  # fuse a reduction, differently and differ in the last bits). Interleaving keeps a batch sharded over its first
+  # axis where it is: no device needs another's images.
+  x = _scale_input(variant, params, jnp.stack(_widest(a, b), axis=1).reshape(-1, *a.shape[1:]), normalize)
+  taps = _trunk(variant, params, x, dtype, precision, remat)
+  return _compare(variant, params, [t.reshape(-1, 2, *t.shape[1:]) for t in taps], raw=True,
+                  spatial_size=a.shape[1:3] if spatial else None, per_layer=per_layer, remat=remat)
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
-  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
-  apply = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply
-  taps = apply({"params": params[v.net]}, _scale_input(v, params, x, normalize))
+  """The raw trunk taps of images `x`, float32 (or float64), before the channel normalisation."""
+  return _trunk(v, params, _scale_input(v, params, x, normalize), dtype, precision, remat)
+
+
+def _trunk(v: Variant, params, x, dtype, precision, remat) -> tuple[jax.Array, ...]:
+  """The raw trunk taps of scaled images `x` (`_scale_input`)."""
+  taps = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply({"params": params[v.net]}, x)
   return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
-def _compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
+def _compare(v: Variant, params, pairs, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
              remat=False):
-  """The distance from two tuples of taps: `raw` trunk taps (unit-normalised here) or already unit-normalised."""
-  def term(k, x0, x1):  # layer k's term: normalise both taps, map, reduce
+  """The distance from the taps of pairs, each layer's [N, 2, h, w, C] (a pair's two images side by side): `raw`
+  trunk taps (unit-normalised here) or already unit-normalised."""
+  def term(k, pair):  # layer k's term: normalise both taps, map, reduce
     if raw:
-      x0, x1 = unit_normalize(x0), unit_normalize(x1)
-    m = _layer_map(v, params, k, x0, x1, dropout_rng)
+      pair = unit_normalize(pair)
+    m = _layer_map(v, params, k, pair[:, 0], pair[:, 1], dropout_rng)
     return jnp.mean(m, axis=(1, 2)) if spatial_size is None else _upsample(m, spatial_size)
 
   if remat:  # keep only the raw taps for the backward pass: the normalised taps and squared differences are as large
     term = jax.checkpoint(term, static_argnums=0)
-  terms = [term(k, x0, x1) for k, (x0, x1) in enumerate(zip(u0, u1))]
+  terms = [term(k, pair) for k, pair in enumerate(pairs)]
   out = terms[0]
   for t in terms[1:]:  # a running sum in layer order, as the official
     out = out + t
@@ -147,7 +156,7 @@ def unit_normalize(f: jax.Array) -> jax.Array:
 def _layer_map(v: Variant, params, k: int, n0: jax.Array, n1: jax.Array, dropout_rng) -> jax.Array:
   """Layer k's distance map [N, h, w]: `sum_c w_c (n0 - n1)^2` with the heads' weights w (the code's w, the paper's
   w^2: lpips#72), or the plain channel sum for the baseline; `dropout_rng`: the heads' training Dropout(p=0.5)."""
-  d = (n0 - n1) ** 2
+  d = (jnp.maximum(n0, n1) - jnp.minimum(n0, n1)) ** 2
   if not v.lpips:
     return jnp.sum(d, axis=-1)
   if dropout_rng is not None:
@@ -174,6 +183,13 @@ def _scale_input(v: Variant, params, x: ArrayLike, normalize: bool) -> jax.Array
     shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
     x = (x - shift) / scale  # subtract, then divide, as the official
   return x
+
+
+def _widest(a, b) -> tuple[jax.Array, jax.Array]:
+  """`a` and `b` as arrays of one dtype, float32 or float64 (so that arrays of two dtypes stack as one)."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  dtype = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
+  return a.astype(dtype), b.astype(dtype)
 
 
 def _float32_or_wider(dtype) -> type:

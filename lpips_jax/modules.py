@@ -11,7 +11,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lpips_jax.lpips import distance
@@ -19,7 +18,7 @@ from lpips_jax.weights import load
 
 
 def _pretrained(net: str, version: str, lpips: bool) -> dict:
-  return jax.tree.map(jnp.asarray, load(net, version, lpips=lpips))
+  return load(net, version, lpips=lpips)
 
 
 class LPIPS(nn.Module):

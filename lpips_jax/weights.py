@@ -18,12 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
 from lpips_jax.backbones import NETS, net_name
-from lpips_jax.checks import check_arrays, check_structure
+from lpips_jax.checks import check_arrays, check_structure, mark_checked
 from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write
 from lpips_jax.layout import scaling
@@ -147,7 +148,7 @@ def read_pretrained(name: str) -> dict:
   return _parse(data, path, f"delete it and recreate it with: {create}")
 
 
-def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool = True) -> dict:
+def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool = True, device=None) -> dict:
   """Pretrained LPIPS params: the ImageNet trunk, the v0.1 input scaling, and the linear heads.
 
   Args:
@@ -155,9 +156,14 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
       weights file written by `train/` or `lpips_jax.weights.save`.
     version: '0.1' (the official default) or '0.0' (the original release, without input scaling).
     lpips: False gives the uncalibrated baseline: the trunk alone, distances summed over channels unweighted.
+    device: where the arrays live. None (default): JAX's default device; a `jax.Device`; or a
+      `jax.sharding.Sharding`, e.g. `NamedSharding(mesh, PartitionSpec())` to replicate them over a mesh.
+      "numpy": host numpy arrays (to inspect or save them; a jitted function copies numpy arguments to the device
+      at every call).
 
   Returns:
-    A dict of float32 numpy arrays, to pass to `lpips_jax.distance`.
+    A dict of float32 arrays, to pass to `lpips_jax.distance`. They are already checked: passing this dict's
+    arrays to the metric does not check their values again (`lpips_jax.checks.check_params`).
 
   Raises an InputError (a ValueError) naming the file (and the key) for a file whose checksum differs from the
   manifest's, that is not a readable safetensors file, that holds a tensor that is not real floating point (int,
@@ -177,7 +183,7 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
       check_structure(params)
     except ValueError as e:
       raise InputError(f"{path}: {e}") from None
-    return params
+    return _placed(params, device)
   if isinstance(net, str) and (os.sep in net or net.endswith((".pth", ".pt", ".ckpt", ".npz", ".bin"))):
     raise InputError(f"load({net!r}): a weights path must be a .safetensors file; convert PyTorch files first "
                      f"(lpips-jax convert --help), or give a net name: {sorted(NETS)}")
@@ -187,4 +193,16 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
   if lpips:
     params.update(read_pretrained(heads_file(net, version)))
   check_structure(params)
-  return params
+  return _placed(params, device)
+
+
+def _placed(params: dict, device) -> dict:
+  """`params` (checked numpy arrays) placed on `device` (see `load`), and recorded as checked there."""
+  if isinstance(device, str) and device == "numpy":
+    return params
+  if not (device is None or isinstance(device, (jax.Device, jax.sharding.Sharding))):
+    raise InputError(f"device must be None (the default device), a jax.Device, a jax.sharding.Sharding or "
+                     f"\"numpy\"; got {type(device).__name__} {device!r:.60}")
+  placed = jax.device_put(params, device)
+  mark_checked(placed)
+  return placed

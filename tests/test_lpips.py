@@ -35,9 +35,15 @@ def test_properties_of_every_variant(variant):
   d = lpips_jax.distance(params, a, b)
   assert d.shape == (2,) and d.dtype == jnp.float32
   assert np.all(np.asarray(d) > 0)
-  # Symmetric, and d(x, x) = 0, up to the last bits of XLA's two separately compiled trunk calls.
-  np.testing.assert_allclose(lpips_jax.distance(params, b, a), d, rtol=1e-6, atol=1e-12)
-  np.testing.assert_allclose(lpips_jax.distance(params, a, a), np.zeros(2, np.float32), atol=1e-12)
+  # Symmetric bitwise, and d(x, x) exactly 0, as the official's two calls of one module: the total, the map and
+  # every layer's term.
+  for kind in ({}, {"spatial": True}):
+    np.testing.assert_array_equal(lpips_jax.distance(params, b, a, **kind), lpips_jax.distance(params, a, b, **kind))
+    assert not np.asarray(lpips_jax.distance(params, a, a, **kind)).any()
+  for t_ab, t_ba, t_aa in zip(*(lpips_jax.distance(params, x, y, per_layer=True)[1] for x, y in ((a, b), (b, a),
+                                                                                                  (a, a)))):
+    np.testing.assert_array_equal(t_ab, t_ba)
+    assert not np.asarray(t_aa).any()
   spatial = lpips_jax.distance(params, a, b, spatial=True)
   assert spatial.shape == (2, 48, 40) and spatial.dtype == jnp.float32
   total, terms = lpips_jax.distance(params, a, b, per_layer=True)
