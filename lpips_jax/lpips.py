@@ -12,10 +12,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from lpips_jax.backbones import NETS
-from lpips_jax.checks import check_batch, check_features, check_images, check_params, check_spatial_size
+from lpips_jax.checks import (
+  check_batch,
+  check_features,
+  check_images,
+  check_params,
+  check_spatial_size,
+  check_values,
+)
 from lpips_jax.layout import Variant
 
 EPS = 1e-10  # official normalize_tensor: added outside the square root
@@ -53,9 +61,18 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   gradients) for its pair without an error.
   """
   v = check_params(params)
-  check_images(a, b, v.net, normalize=normalize)
-  return pipeline(params, a, b, variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
-                   precision=precision, remat=remat)
+  check_images(a, b, v.net, normalize=normalize, values=False)
+  options = dict(variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
+                 precision=precision, remat=remat)
+  if all(not isinstance(x, jax.core.Tracer) and np.size(x) for x in (a, b)):
+    # Eager: the images' extrema are computed with the distance, in the same call, and read back once, so the
+    # check costs neither a dispatch nor a wait of its own. A bad image discards the distance.
+    out, extrema = pipeline(params, a, b, **options, extrema=True)
+    if not isinstance(extrema[0][0], jax.core.Tracer):  # else the call is part of an outer trace
+      check_values({"a": a, "b": b}, normalize, jax.device_get(extrema))
+      return out
+  check_values({"a": a, "b": b}, normalize)
+  return pipeline(params, a, b, **options)
 
 
 def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
@@ -87,51 +104,44 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
   v = check_params(params)
   check_features(f0, f1, v.net)
   spatial_size = check_spatial_size(spatial_size)
-  pairs = [jnp.stack(_widest(t0, t1), axis=1) for t0, t1 in zip(f0, f1)]
-  return _compare(v, params, pairs, raw=False, spatial_size=spatial_size, per_layer=per_layer,
+  return _compare(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
                   dropout_rng=dropout_rng)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
-                                             "remat"))
+                                             "remat", "extrema"))
 def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, normalize: bool, dtype=None,
-              precision=None, remat: bool = False):
-  """`distance` of checked params (their `variant`, parsed once by the caller) and checked images."""
-  # One trunk pass over the pairs' 2N images, interleaved (a_0, b_0, a_1, ...), and one normalisation of each
-  # layer's taps: both images of a pair go through the same compiled computation, so d(x, x) is exactly 0 and
-  # d(a, b) == d(b, a) bitwise, as in the official's two calls of one module (two calls here may compile, e.g.
-  # fuse a reduction, differently and differ in the last bits). Interleaving keeps a batch sharded over its first
-  # axis where it is: no device needs another's images.
-  x = _scale_input(variant, params, jnp.stack(_widest(a, b), axis=1).reshape(-1, *a.shape[1:]), normalize)
-  taps = _trunk(variant, params, x, dtype, precision, remat)
-  return _compare(variant, params, [t.reshape(-1, 2, *t.shape[1:]) for t in taps], raw=True,
-                  spatial_size=a.shape[1:3] if spatial else None, per_layer=per_layer, remat=remat)
+              precision=None, remat: bool = False, extrema: bool = False):
+  """`distance` of checked params (their `variant`, parsed once by the caller) and images (`extrema`: of images
+  whose values are still to be checked, returned beside the distance with their (min, max) each)."""
+  # Two trunk calls, as the official: of the same shapes, they compile alike, so d(x, x) is exactly 0 and d(a, b)
+  # equals d(b, a) bitwise. One call over the 2N stacked images would guarantee that, but costs 7-12% forward and
+  # 33-44% with the gradient w.r.t. `a` alone (bench/eager.py: the gradient then runs through b's trunk too).
+  t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
+  out = _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
+                 per_layer=per_layer, remat=remat)
+  return (out, [(jnp.min(x), jnp.max(x)) for x in (a, b)]) if extrema else out
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
-  """The raw trunk taps of images `x`, float32 (or float64), before the channel normalisation."""
-  return _trunk(v, params, _scale_input(v, params, x, normalize), dtype, precision, remat)
-
-
-def _trunk(v: Variant, params, x, dtype, precision, remat) -> tuple[jax.Array, ...]:
-  """The raw trunk taps of scaled images `x` (`_scale_input`)."""
-  taps = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply({"params": params[v.net]}, x)
+  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
+  apply = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply
+  taps = apply({"params": params[v.net]}, _scale_input(v, params, x, normalize))
   return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
-def _compare(v: Variant, params, pairs, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
+def _compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
              remat=False):
-  """The distance from the taps of pairs, each layer's [N, 2, h, w, C] (a pair's two images side by side): `raw`
-  trunk taps (unit-normalised here) or already unit-normalised."""
-  def term(k, pair):  # layer k's term: normalise both taps, map, reduce
+  """The distance from two tuples of taps: `raw` trunk taps (unit-normalised here) or already unit-normalised."""
+  def term(k, x0, x1):  # layer k's term: normalise both taps, map, reduce
     if raw:
-      pair = unit_normalize(pair)
-    m = _layer_map(v, params, k, pair[:, 0], pair[:, 1], dropout_rng)
+      x0, x1 = unit_normalize(x0), unit_normalize(x1)
+    m = _layer_map(v, params, k, x0, x1, dropout_rng)
     return jnp.mean(m, axis=(1, 2)) if spatial_size is None else _upsample(m, spatial_size)
 
   if remat:  # keep only the raw taps for the backward pass: the normalised taps and squared differences are as large
     term = jax.checkpoint(term, static_argnums=0)
-  terms = [term(k, pair) for k, pair in enumerate(pairs)]
+  terms = [term(k, x0, x1) for k, (x0, x1) in enumerate(zip(u0, u1))]
   out = terms[0]
   for t in terms[1:]:  # a running sum in layer order, as the official
     out = out + t
@@ -156,6 +166,9 @@ def unit_normalize(f: jax.Array) -> jax.Array:
 def _layer_map(v: Variant, params, k: int, n0: jax.Array, n1: jax.Array, dropout_rng) -> jax.Array:
   """Layer k's distance map [N, h, w]: `sum_c w_c (n0 - n1)^2` with the heads' weights w (the code's w, the paper's
   w^2: lpips#72), or the plain channel sum for the baseline; `dropout_rng`: the heads' training Dropout(p=0.5)."""
+  # |n0 - n1| as max - min: XLA turns each normalisation into a product, and a product followed by a subtraction
+  # compiles to a fused multiply-add, which rounds one side only; d(x, x) would be ~1e-16, and d(a, b) and d(b, a)
+  # would differ in the last bits. Neither operand of this subtraction is a product, and it is symmetric.
   d = (jnp.maximum(n0, n1) - jnp.minimum(n0, n1)) ** 2
   if not v.lpips:
     return jnp.sum(d, axis=-1)
@@ -183,13 +196,6 @@ def _scale_input(v: Variant, params, x: ArrayLike, normalize: bool) -> jax.Array
     shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
     x = (x - shift) / scale  # subtract, then divide, as the official
   return x
-
-
-def _widest(a, b) -> tuple[jax.Array, jax.Array]:
-  """`a` and `b` as arrays of one dtype, float32 or float64 (so that arrays of two dtypes stack as one)."""
-  a, b = jnp.asarray(a), jnp.asarray(b)
-  dtype = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
-  return a.astype(dtype), b.astype(dtype)
 
 
 def _float32_or_wider(dtype) -> type:

@@ -1,4 +1,5 @@
-"""Shared test setup: 8 fake CPU devices, strict JAX promotion, the official `lpips` package, example images."""
+"""Shared test setup: 8 fake CPU devices, a compilation cache, strict JAX promotion, the official `lpips` package,
+example images."""
 import importlib.util
 import os
 import sys
@@ -6,6 +7,11 @@ import types
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# JAX's persistent compilation cache, shared by this process and the commands the tests run in subprocesses (they
+# inherit the environment): each executable the suite needs is compiled once per machine, not once per process.
+# Keyed by the computation, the JAX version and the XLA flags, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).parents[1] / ".jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
