@@ -44,6 +44,16 @@ def import_official_lpips():
   return lpips
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_executables():
+  """Drop JAX's compiled executables after each test file (the persistent cache above makes them cheap to get
+  back). Each XLA CPU executable holds memory mappings of its own; a process that keeps the whole suite's (about
+  65,000 after 480 tests) reaches the kernel's vm.max_map_count, and XLA then dies with SIGSEGV ("LLVM compilation
+  error: Cannot allocate memory"): bench/map_limit.py reproduces it in seconds."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def official():
   return import_official_lpips()
