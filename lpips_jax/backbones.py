@@ -148,69 +148,6 @@ class SqueezeNet(_Trunk):
     return x
 
 
-def blur_pool(x: jax.Array) -> jax.Array:
-  """ST-LPIPS's anti-aliased downsampling on NHWC: reflect-pad 2 pixels on every side, blur each channel with the
-  3x3 binomial filter [1, 2, 1]^T [1, 2, 1] / 16, keep every second pixel (out = (H + 1) // 2 + 1).
-
-  The stride-1 layer before it plus this replaces a strided layer of the original trunk (Zhang, "Making
-  convolutional networks shift-invariant again", 2019; Ghildyal & Liu 2022 pad by 2, the filter size minus one,
-  instead of 1). Computed as a weighted sum of the 9 strided views, like `max_pool`: on XLA's CPU backend that is
-  faster than a depthwise convolution, and the weights are exact powers of two.
-  """
-  x = jnp.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
-  out = [(size - 3) // 2 + 1 for size in x.shape[1:3]]
-  weights = (1.0, 2.0, 1.0)
-  total = None
-  for i in range(3):
-    for j in range(3):
-      view = jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + 2 * (out[0] - 1) + 1, j + 2 * (out[1] - 1) + 1,
-                                             x.shape[3]), (1, 2, 2, 1))
-      term = view * (weights[i] * weights[j] / 16)
-      total = term if total is None else total + term
-  return total
-
-
-# (index in the reference's `features`, output channels, kernel, padding, what precedes the conv) of each ST-LPIPS
-# AlexNet slice's conv: "pool" is a 3x3 stride-1 max pool then `blur_pool`. The first conv has stride 1 and is
-# followed by `blur_pool` before its ReLU. Every other conv is stride 1 as in AlexNet.
-_ST_ALEXNET_SLICES = ((0, 64, 11, 2, None), (5, 192, 5, 2, "pool"), (9, 384, 3, 1, "pool"), (11, 256, 3, 1, None),
-                      (13, 256, 3, 1, None))
-
-
-class STAlexNet(_Trunk):
-  """ST-LPIPS's shift-tolerant AlexNet (`stlpips_pytorch` `alexnet(variant="shift_tolerant")`, filter size 3);
-  taps after each slice's ReLU (64, 192, 384, 256, 256 channels)."""
-
-  slices = len(_ST_ALEXNET_SLICES)
-
-  def slice(self, x: jax.Array, s: int) -> jax.Array:
-    index, features, kernel, pad, before = _ST_ALEXNET_SLICES[s]
-    if before == "pool":
-      x = blur_pool(max_pool(x, 3, 1))
-    x = _conv(features, kernel, 1, pad, f"features_{index}", self.dtype, self.precision)(x)
-    return nn.relu(blur_pool(x) if s == 0 else x)
-
-
-# (index in the reference's `features`, output channels) of each 3x3 conv, one tuple per slice; every slice but the
-# first opens with a 2x2 stride-1 max pool and `blur_pool` (where VGG16 has a 2x2 stride-2 max pool).
-_ST_VGG16_SLICES = (((0, 64), (2, 64)), ((6, 128), (8, 128)), ((12, 256), (14, 256), (16, 256)),
-                    ((20, 512), (22, 512), (24, 512)), ((28, 512), (30, 512), (32, 512)))
-
-
-class STVGG16(_Trunk):
-  """ST-LPIPS's shift-tolerant VGG16 (`stlpips_pytorch` `vggnet(variant="shift_tolerant")`); taps relu1_2..relu5_3
-  (64, 128, 256, 512, 512 channels)."""
-
-  slices = len(_ST_VGG16_SLICES)
-
-  def slice(self, x: jax.Array, s: int) -> jax.Array:
-    if s:
-      x = blur_pool(max_pool(x, 2, 1))
-    for index, features in _ST_VGG16_SLICES[s]:
-      x = nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
-    return x
-
-
 class Net(NamedTuple):
   trunk: type[nn.Module]
   channels: tuple[int, ...]  # of each tap, in order
