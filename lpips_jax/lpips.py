@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from lpips_jax.backbones import NETS
@@ -22,7 +21,6 @@ from lpips_jax.checks import (
   check_images,
   check_params,
   check_spatial_size,
-  check_values,
 )
 from lpips_jax.layout import Variant
 
@@ -61,18 +59,9 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   gradients) for its pair without an error.
   """
   v = check_params(params)
-  check_images(a, b, v.net, normalize=normalize, values=False)
-  options = dict(variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
-                 precision=precision, remat=remat)
-  if all(not isinstance(x, jax.core.Tracer) and np.size(x) for x in (a, b)):
-    # Eager: the images' extrema are computed with the distance, in the same call, and read back once, so the
-    # check costs neither a dispatch nor a wait of its own. A bad image discards the distance.
-    out, extrema = pipeline(params, a, b, **options, extrema=True)
-    if not isinstance(extrema[0][0], jax.core.Tracer):  # else the call is part of an outer trace
-      check_values({"a": a, "b": b}, normalize, jax.device_get(extrema))
-      return out
-  check_values({"a": a, "b": b}, normalize)
-  return pipeline(params, a, b, **options)
+  check_images(a, b, v.net, normalize=normalize)
+  return pipeline(params, a, b, variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
+                  precision=precision, remat=remat)
 
 
 def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
@@ -109,18 +98,16 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
-                                             "remat", "extrema"))
+                                             "remat"))
 def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, normalize: bool, dtype=None,
-              precision=None, remat: bool = False, extrema: bool = False):
-  """`distance` of checked params (their `variant`, parsed once by the caller) and images (`extrema`: of images
-  whose values are still to be checked, returned beside the distance with their (min, max) each)."""
+              precision=None, remat: bool = False):
+  """`distance` of checked params (their `variant`, parsed once by the caller) and checked images."""
   # Two trunk calls, as the official: of the same shapes, they compile alike, so d(x, x) is exactly 0 and d(a, b)
   # equals d(b, a) bitwise. One call over the 2N stacked images would guarantee that, but costs 7-12% forward and
   # 33-44% with the gradient w.r.t. `a` alone (bench/eager.py: the gradient then runs through b's trunk too).
   t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
-  out = _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
-                 per_layer=per_layer, remat=remat)
-  return (out, [(jnp.min(x), jnp.max(x)) for x in (a, b)]) if extrema else out
+  return _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
+                  per_layer=per_layer, remat=remat)
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
