@@ -75,8 +75,8 @@ def heads_file(net: str, version: str) -> str:
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
-  """{'a': {'b': x}} -> {'a/b': x}, the key layout of our files, as writable numpy arrays (of device arrays too)."""
-  return {key: np.array(value) for key, value in traverse_util.flatten_dict(tree, sep="/").items()}
+  """{'a': {'b': x}} -> {'a/b': x}, the key layout of our files."""
+  return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:

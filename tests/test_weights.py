@@ -235,7 +235,7 @@ WRITER = """
 import sys
 from lpips_jax import weights
 target, *sources = sys.argv[1:]
-versions = [weights.load(source) for source in sources]
+versions = [weights.load(source, device="numpy") for source in sources]
 print("ready", flush=True)
 for done in range(1, 10**9):
   weights.save(target, versions[(done - 1) % len(versions)])
@@ -260,7 +260,7 @@ def versions(tmp_path: Path, params, count: int) -> tuple[list[Path], list[str],
 
 
 def test_a_reader_never_sees_a_torn_file_while_another_process_rewrites_it(tmp_path):
-  sources, _, flats = versions(tmp_path, lpips_jax.load("alex"), 2)
+  sources, _, flats = versions(tmp_path, lpips_jax.load("alex", device="numpy"), 2)
   target = tmp_path / "weights.safetensors"
   shutil.copy(sources[0], target)
   writer = start_writer(target, sources)
@@ -269,7 +269,7 @@ def test_a_reader_never_sees_a_torn_file_while_another_process_rewrites_it(tmp_p
     assert writer.stdout.readline() == "ready\n"
     deadline = time.monotonic() + 120
     while (reads < 40 or seen != {0, 1}) and time.monotonic() < deadline:
-      loaded = weights.flatten(lpips_jax.load(target))  # a torn file would fail to parse or hold mixed values
+      loaded = weights.flatten(lpips_jax.load(target, device="numpy"))  # torn: unparsable or mixed
       which = [k for k, flat in enumerate(flats) if all(np.array_equal(loaded[key], flat[key]) for key in flat)]
       assert len(which) == 1, f"read {reads} is none of the versions"
       seen.add(which[0])
@@ -284,7 +284,7 @@ def test_a_reader_never_sees_a_torn_file_while_another_process_rewrites_it(tmp_p
 def test_a_writer_killed_mid_write_leaves_the_previous_file(tmp_path):
   # The 59 MB VGG16 trunk, rewritten in a loop by 4 processes (one directory each), each killed with SIGKILL at a
   # random moment while its temporary file is being written.
-  sources, digests, _ = versions(tmp_path, lpips_jax.load("vgg", lpips=False), 3)
+  sources, digests, _ = versions(tmp_path, lpips_jax.load("vgg", lpips=False, device="numpy"), 3)
   rounds = []
   for k in range(4):
     directory = tmp_path / f"round{k}"
