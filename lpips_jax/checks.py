@@ -63,11 +63,12 @@ def check_params(params) -> Variant:
   return v
 
 
-def mark_checked(params) -> None:
-  """Record concrete jax-array `params` whose values were checked elsewhere (`lpips_jax.load` checks the file's)."""
+def mark_checked(params, v: Variant) -> None:
+  """Record concrete jax-array `params` of variant `v` (from `check_structure`) whose values were checked elsewhere
+  (`lpips_jax.load` checks the file's)."""
   leaves, key = _checked_key(params)
   if key is not None:
-    _remember(key, leaves, check_structure(params))
+    _remember(key, leaves, v)
 
 
 # (treedef, the leaves' ids) of params already checked -> (variant, weak references to the leaves). The references
@@ -125,18 +126,15 @@ def check_arrays(tree, *, prefix: str, fix: str) -> None:
                        f"a bad conversion); {fix}")
 
 
-def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, str] = ("a", "b"),
-                 values: bool = True) -> None:
+def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, str] = ("a", "b")) -> None:
   """Raise an InputError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`: each
-  `check_batch`, and of the same shape. `names` are the arguments' names in the messages. `values=False` leaves
-  the values to the caller (`check_values`)."""
+  `check_batch`, and of the same shape. `names` are the arguments' names in the messages."""
   for name, x in zip(names, (a, b)):
     _check_layout(name, x, net)
   if jnp.shape(a) != jnp.shape(b):
     raise InputError(f"{names[0]} and {names[1]} must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} "
                      f"(resize one first)")
-  if values:
-    check_values(dict(zip(names, (a, b))), normalize)
+  _check_values(dict(zip(names, (a, b))), normalize)
 
 
 def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> None:
@@ -144,7 +142,7 @@ def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> Non
   NHWC [N, H, W, 3] (N may be 0), H and W at least the net's minimum, floating point, and, if concrete, finite and
   in [-1, 1] ([0, 1] with `normalize`). Traced values (under jit, grad, vmap) are unknown and not checked."""
   _check_layout(name, x, net)
-  check_values({name: x}, normalize)
+  _check_values({name: x}, normalize)
 
 
 def check_features(f0, f1, net: str) -> None:
@@ -298,16 +296,11 @@ def _check_layout(name: str, x, net: str) -> None:
                      f"(LPIPS was trained on 64x64 patches; upsample small images)")
 
 
-def check_values(images: dict, normalize: bool, extrema: list | None = None) -> None:
-  """Raise an InputError naming the image unless each concrete one of `images` (name -> array) is finite and
-  within the value range ([-1, 1], or [0, 1] with `normalize`; with 1e-3 of slack for rounding); traced ones are
-  unknown. Their extrema come from one reduction and one read back to the host, or are `extrema`, the (min, max)
-  of each concrete, non-empty image in order, already computed (e.g. with the distance: `lpips_jax.distance`)."""
+def _check_values(images: dict, normalize: bool) -> None:
+  """Concrete images only (traced ones are unknown): finite, and within the value range (with 1e-3 of slack for
+  rounding). The extrema of all `images` (name -> array) come from one reduction and one read back to the host."""
   concrete = {name: x for name, x in images.items() if not isinstance(x, jax.core.Tracer) and np.size(x)}
-  if extrema is None and concrete:
-    extrema = _extrema(list(concrete.values()))
-  for (name, x), (x_min, x_max) in zip(concrete.items(), extrema or []):
-    x_min, x_max = float(x_min), float(x_max)
+  for (name, x), (x_min, x_max) in zip(concrete.items(), _extrema(list(concrete.values())) if concrete else []):
     if not (np.isfinite(x_min) and np.isfinite(x_max)):
       raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
                        f"replace them (jnp.nan_to_num)")

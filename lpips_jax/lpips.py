@@ -15,13 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from lpips_jax.backbones import NETS
-from lpips_jax.checks import (
-  check_batch,
-  check_features,
-  check_images,
-  check_params,
-  check_spatial_size,
-)
+from lpips_jax.checks import check_batch, check_features, check_images, check_params, check_spatial_size
 from lpips_jax.layout import Variant
 
 EPS = 1e-10  # official normalize_tensor: added outside the square root
@@ -103,8 +97,8 @@ def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, 
               precision=None, remat: bool = False):
   """`distance` of checked params (their `variant`, parsed once by the caller) and checked images."""
   # Two trunk calls, as the official: of the same shapes, they compile alike, so d(x, x) is exactly 0 and d(a, b)
-  # equals d(b, a) bitwise. One call over the 2N stacked images would guarantee that, but costs 7-12% forward and
-  # 33-44% with the gradient w.r.t. `a` alone (bench/eager.py: the gradient then runs through b's trunk too).
+  # equals d(b, a) bitwise. One call over the 2N stacked images would guarantee that, but costs 2-4% forward and
+  # 32-49% with the gradient w.r.t. `a` alone (bench/eager.py: the gradient then runs through b's trunk too).
   t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
   return _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
                   per_layer=per_layer, remat=remat)

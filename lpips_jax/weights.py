@@ -180,10 +180,10 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
     params = _parse(path.read_bytes(), path, "write it again from float32 weights (lpips-jax convert, or "
                                              "lpips_jax.weights.save of trained params)")
     try:
-      check_structure(params)
+      v = check_structure(params)
     except ValueError as e:
       raise InputError(f"{path}: {e}") from None
-    return _placed(params, device)
+    return _placed(params, v, device)
   if isinstance(net, str) and (os.sep in net or net.endswith((".pth", ".pt", ".ckpt", ".npz", ".bin"))):
     raise InputError(f"load({net!r}): a weights path must be a .safetensors file; convert PyTorch files first "
                      f"(lpips-jax convert --help), or give a net name: {sorted(NETS)}")
@@ -192,17 +192,16 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
   params[net] = read_pretrained(trunk_file(net))
   if lpips:
     params.update(read_pretrained(heads_file(net, version)))
-  check_structure(params)
-  return _placed(params, device)
+  return _placed(params, check_structure(params), device)
 
 
-def _placed(params: dict, device) -> dict:
-  """`params` (checked numpy arrays) placed on `device` (see `load`), and recorded as checked there."""
+def _placed(params: dict, v, device) -> dict:
+  """`params` (checked numpy arrays of variant `v`) placed on `device` (see `load`), and recorded as checked."""
   if isinstance(device, str) and device == "numpy":
     return params
   if not (device is None or isinstance(device, (jax.Device, jax.sharding.Sharding))):
     raise InputError(f"device must be None (the default device), a jax.Device, a jax.sharding.Sharding or "
                      f"\"numpy\"; got {type(device).__name__} {device!r:.60}")
   placed = jax.device_put(params, device)
-  mark_checked(placed)
+  mark_checked(placed, v)
   return placed
