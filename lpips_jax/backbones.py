@@ -1,8 +1,10 @@
-"""The three LPIPS trunks as linen modules: port of torchvision's `features` stacks, cut at the LPIPS taps.
+"""The LPIPS trunks as linen modules: port of torchvision's `features` stacks, cut at the LPIPS taps.
 
 Each module maps NHWC images to the tuple of post-ReLU activations that the official `lpips.pn.{alexnet,vgg16,
-squeezenet}` slices return (docs/official.md §1.3). Convolutions are named `features_{i}` after torchvision's
-`features.{i}`, so converting a torch state dict is a rename plus an OIHW -> HWIO transpose.
+squeezenet}` slices return (docs/official.md §1.3), or, for the shift-tolerant ST-LPIPS trunks, that
+`stlpips_pytorch.invariant_networks.{alexnet,vggnet}(variant="shift_tolerant")` return (docs/variants.md §1).
+Convolutions are named `features_{i}` after the reference's `features.{i}`, so converting a torch state dict is a
+rename plus an OIHW -> HWIO transpose.
 """
 from __future__ import annotations
 
@@ -111,6 +113,58 @@ class VGG16(_Trunk):
     return x
 
 
+BINOMIAL = (0.25, 0.5, 0.25)  # the blur pool's 1-D filter; ST-LPIPS's 2-D filter is its outer product
+
+
+def blur_pool(x: jax.Array) -> jax.Array:
+  """ST-LPIPS's anti-aliased downsampling on NHWC (the reference's `Downsample(filt_size=3, stride=2,
+  pad_more=True)`): reflect-pad 2 pixels on every side, then the per-channel 3x3 binomial filter
+  [1, 2, 1]^T [1, 2, 1] / 16 at stride 2; out = (size + 1) // 2 + 1. Written as the separable filter over strided
+  views (rows, then columns), like `max_pool`; the filter is fixed, not a parameter.
+  """
+  x = jnp.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")  # torch ReflectionPad2d: the edge not repeated
+  for axis in (1, 2):
+    n = (x.shape[axis] - 3) // 2 + 1
+    taps = [jax.lax.slice_in_dim(x, i, i + 2 * (n - 1) + 1, 2, axis) for i in range(3)]
+    x = BINOMIAL[0] * taps[0] + BINOMIAL[1] * taps[1] + BINOMIAL[2] * taps[2]
+  return x
+
+
+# (index in the reference's `features`, output channels, kernel, padding, a stride-1 3x3 max pool and a blur pool
+# first) of each ST-LPIPS AlexNet slice's conv. Every stride of torchvision's AlexNet becomes stride 1 followed by
+# a blur pool: the first conv's stride 4 becomes one blur pool (before its ReLU), each 3x3/2 max pool a 3x3/1 max
+# pool and a blur pool.
+_ST_ALEXNET_SLICES = ((0, 64, 11, 2, False), (5, 192, 5, 2, True), (9, 384, 3, 1, True), (11, 256, 3, 1, False),
+                      (13, 256, 3, 1, False))
+
+
+class STAlexNet(_Trunk):
+  """ST-LPIPS's shift-tolerant AlexNet (`stlpips_pytorch`, variant "shift_tolerant"); taps as AlexNet's."""
+
+  slices = len(_ST_ALEXNET_SLICES)
+
+  def slice(self, x: jax.Array, s: int) -> jax.Array:
+    index, features, kernel, pad, pool = _ST_ALEXNET_SLICES[s]
+    if pool:
+      x = blur_pool(max_pool(x, 3, 1))
+    x = _conv(features, kernel, 1, pad, f"features_{index}", self.dtype, self.precision)(x)
+    return nn.relu(blur_pool(x) if s == 0 else x)
+
+
+class STVGG16(_Trunk):
+  """ST-LPIPS's shift-tolerant VGG16: each 2x2/2 max pool becomes a 2x2/1 max pool and a blur pool, which moves
+  every later layer one index up in the reference's `features` (slice s's convs are VGG16's + s)."""
+
+  slices = len(_VGG16_SLICES)
+
+  def slice(self, x: jax.Array, s: int) -> jax.Array:
+    if s:
+      x = blur_pool(max_pool(x, 2, 1))
+    for index, features in _VGG16_SLICES[s]:
+      x = nn.relu(_conv(features, 3, 1, 1, f"features_{index + s}", self.dtype, self.precision)(x))
+    return x
+
+
 class Fire(nn.Module):
   """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated in that order."""
 
@@ -151,20 +205,25 @@ class SqueezeNet(_Trunk):
 class Net(NamedTuple):
   trunk: type[nn.Module]
   channels: tuple[int, ...]  # of each tap, in order
-  min_size: int  # smallest input height and width for which every tap is non-empty (torch raises below it)
+  min_size: int  # smallest input height and width for which the reference computes every tap (torch raises below)
+  heads: str | None = None  # the released heads' one version, if one set serves both input scalings (ST-LPIPS)
 
 
 NETS = {
     "alex": Net(AlexNet, (64, 192, 384, 256, 256), 31),
     "vgg": Net(VGG16, (64, 128, 256, 512, 512), 16),
     "squeeze": Net(SqueezeNet, (64, 128, 256, 384, 384, 512, 512), 17),
+    "alex_st": Net(STAlexNet, (64, 192, 384, 256, 256), 21, heads="ST0.0"),
+    "vgg_st": Net(STVGG16, (64, 128, 256, 512, 512), 18, heads="ST0.0"),
 }
-# Other names the official package or torchvision use for the same trunks.
-ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze", "squeezenet1_1": "squeeze"}
+# Other names the official packages, torchvision or pyiqa use for the same trunks.
+ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze", "squeezenet1_1": "squeeze",
+           "stlpips": "alex_st", "stlpips-vgg": "vgg_st", "alex_shift_tolerant": "alex_st",
+           "vgg_shift_tolerant": "vgg_st"}
 
 
 def net_name(net: str) -> str:
-  """The canonical net name ('alex', 'vgg' or 'squeeze') for `net` or one of its aliases."""
+  """The canonical net name (a key of `NETS`) for `net` or one of its aliases."""
   name = ALIASES.get(net, net)
   if name not in NETS:
     raise InputError(f"unknown net {net!r}; choose one of {sorted(NETS)} (aliases: {sorted(ALIASES)})")

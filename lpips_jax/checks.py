@@ -120,8 +120,8 @@ def check_arrays(tree, *, prefix: str, fix: str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise InputError(f"{prefix}{key} has dtype {dtype}; LPIPS weights are real floating-point arrays: {fix}")
   concrete = [(key, x) for key, x in leaves if not isinstance(x, jax.core.Tracer) and np.size(x)]
-  for (key, x), (low, high) in zip(concrete, _extrema([x for _, x in concrete]) if concrete else []):
-    if not (np.isfinite(low) and np.isfinite(high)):
+  for (key, x), (_, _, finite) in zip(concrete, _extrema([x for _, x in concrete]) if concrete else []):
+    if not finite:
       raise InputError(f"{prefix}{key} has {_nonfinite(x)}: the weights are damaged (a diverged training run or "
                        f"a bad conversion); {fix}")
 
@@ -129,12 +129,52 @@ def check_arrays(tree, *, prefix: str, fix: str) -> None:
 def check_images(a, b, net: str, *, normalize: bool = False, names: tuple[str, str] = ("a", "b")) -> None:
   """Raise an InputError naming the problem and the fix unless `a`, `b` are valid LPIPS inputs for `net`: each
   `check_batch`, and of the same shape. `names` are the arguments' names in the messages."""
+  check_image_pair(a, b, net, names=names)
+  _check_values(dict(zip(names, (a, b))), normalize)
+
+
+def check_image_pair(a, b, net: str, *, names: tuple[str, str] = ("a", "b")) -> None:
+  """What `check_images` checks without looking at values: each image's layout, size and dtype, equal shapes."""
   for name, x in zip(names, (a, b)):
     _check_layout(name, x, net)
   if jnp.shape(a) != jnp.shape(b):
     raise InputError(f"{names[0]} and {names[1]} must have the same shape; got {jnp.shape(a)} and {jnp.shape(b)} "
                      f"(resize one first)")
-  _check_values(dict(zip(names, (a, b))), normalize)
+
+
+def values_known(*arrays) -> bool:
+  """Whether every array is concrete (not traced) and non-empty: its values can be checked."""
+  return all(not isinstance(x, jax.core.Tracer) and np.size(x) for x in arrays)
+
+
+def value_stats(x) -> tuple:
+  """(min, max, whether every value is finite) of `x`, traceable: the one reduction of a value check, computed by
+  `_extrema` or inside the caller's own jitted computation (the eager `distance`). Finiteness is its own test: a
+  minimum fused into a larger computation need not propagate NaN."""
+  return jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x))
+
+
+def check_image_values(images: dict, stats: list, normalize: bool) -> None:
+  """The value check of `images` (name -> concrete array) from their `value_stats` (on the host, `read_back`):
+  finite, and within the value range (with 1e-3 of slack for rounding)."""
+  for (name, x), (x_min, x_max, finite) in zip(images.items(), stats):
+    if not finite and not np.isfinite(np.asarray(x)).all():
+      raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
+                       f"replace them (jnp.nan_to_num)")
+    if not finite:  # float64 values beyond float32's range, reduced in float32: the exact extrema
+      x_min, x_max = np.asarray(x).min(), np.asarray(x).max()
+    lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
+    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
+      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
+             else "pass [-1, 1] images without normalize=True, or clip")
+      raise InputError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
+                       f"{fix}")
+
+
+def read_back(tree):
+  """`tree` (value stats on a device) on the host: the value checks' one blocking read per call."""
+  with jax.ensure_compile_time_eval():
+    return jax.device_get(tree)
 
 
 def check_batch(x, net: str, *, name: str = "x", normalize: bool = False) -> None:
@@ -174,8 +214,8 @@ def check_features(f0, f1, net: str) -> None:
                        f"of the same shape are needed")
   concrete = [(f"{name}[{k}]", t) for name, f in (("f0", f0), ("f1", f1)) for k, t in enumerate(f)
               if not isinstance(t, jax.core.Tracer) and np.size(t)]
-  for (name, t), (low, high) in zip(concrete, _extrema([t for _, t in concrete]) if concrete else []):
-    if not (np.isfinite(low) and np.isfinite(high)):
+  for (name, t), (_, _, finite) in zip(concrete, _extrema([t for _, t in concrete]) if concrete else []):
+    if not finite:
       raise InputError(f"{name} has {_nonfinite(t)}: features of finite images are finite; check the images or "
                        f"params they came from")
 
@@ -297,41 +337,31 @@ def _check_layout(name: str, x, net: str) -> None:
 
 
 def _check_values(images: dict, normalize: bool) -> None:
-  """Concrete images only (traced ones are unknown): finite, and within the value range (with 1e-3 of slack for
-  rounding). The extrema of all `images` (name -> array) come from one reduction and one read back to the host."""
-  concrete = {name: x for name, x in images.items() if not isinstance(x, jax.core.Tracer) and np.size(x)}
-  for (name, x), (x_min, x_max) in zip(concrete.items(), _extrema(list(concrete.values())) if concrete else []):
-    if not (np.isfinite(x_min) and np.isfinite(x_max)):
-      raise InputError(f"{name} has {_nonfinite(x)}; LPIPS is undefined there: find where they come from, or "
-                       f"replace them (jnp.nan_to_num)")
-    lo, hi = (0.0, 1.0) if normalize else (-1.0, 1.0)
-    if not (x_min >= lo - 1e-3 and x_max <= hi + 1e-3):
-      fix = ("use normalize=True for [0, 1] images, x / 127.5 - 1 for 8-bit values, or clip" if not normalize
-             else "pass [-1, 1] images without normalize=True, or clip")
-      raise InputError(f"{name} has values in [{x_min:.4g}, {x_max:.4g}], outside the expected [{lo:g}, {hi:g}]: "
-                       f"{fix}")
+  """`check_image_values` of the concrete `images` (traced ones are unknown), their stats from one reduction."""
+  concrete = {name: x for name, x in images.items() if values_known(x)}
+  if concrete:
+    check_image_values(concrete, _extrema(list(concrete.values())), normalize)
 
 
-def _extrema(arrays: list) -> list[tuple[float, float]]:
-  """(min, max) of each concrete, non-empty array, NaN where it holds a NaN. Numpy arrays are reduced on the host,
-  jax arrays where they live, all in one jitted call (no copy to the host), also while something else is traced."""
-  out = [(0.0, 0.0)] * len(arrays)
+def _extrema(arrays: list) -> list[tuple]:
+  """`value_stats` of each concrete, non-empty array: numpy arrays reduced on the host, jax arrays where they live,
+  all in one jitted call (no copy to the host), also while something else is traced."""
+  out = [None] * len(arrays)
   on_device = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
   for i, x in enumerate(arrays):
     if i not in on_device:
       x = np.asarray(x)
-      out[i] = (float(x.min()), float(x.max()))
+      out[i] = (x.min(), x.max(), np.isfinite(x).all())
   if on_device:
     with jax.ensure_compile_time_eval():
-      found = jax.device_get(_device_extrema([arrays[i] for i in on_device]))
-    for i, (low, high) in zip(on_device, found):
-      out[i] = (float(low), float(high))
-  return out
+      for i, stats in zip(on_device, _device_extrema([arrays[i] for i in on_device])):
+        out[i] = stats
+  return read_back(out)
 
 
 @jax.jit
 def _device_extrema(arrays: list) -> list:
-  return [(jnp.min(x), jnp.max(x)) for x in arrays]
+  return [value_stats(x) for x in arrays]
 
 
 def _nonfinite(x) -> str:

@@ -1,7 +1,8 @@
 """The params layout: what a params pytree holds for each net, weight version and mode (docs/official.md §1).
 
 A params pytree is a dict with
-  - the trunk, under its net name: `"alex"`, `"vgg"` or `"squeeze"` (linen params of `backbones.NETS[net].trunk`);
+  - the trunk, under its net name: `"alex"`, `"vgg"`, `"squeeze"`, or the ST-LPIPS `"alex_st"`, `"vgg_st"` (linen
+    params of `backbones.NETS[net].trunk`);
   - `"scaling": {"shift": f32[3], "scale": f32[3]}` for version 0.1 only (the official `ScalingLayer` buffers);
   - `"lin0"` ... `"lin{L-1}": {"kernel": f32[1, 1, C_l, 1]}`, the linear heads, absent for the uncalibrated
     baseline (the official `lpips=False`).
@@ -36,6 +37,10 @@ class Variant(NamedTuple):
   @property
   def version(self) -> str:
     return next(name for name, scaled in VERSIONS.items() if scaled == self.scaled)
+
+  def __str__(self) -> str:
+    """How the command names it: 'alex v0.1', 'vgg_st v0.1', 'squeeze v0.0 baseline'."""
+    return f"{self.net} v{self.version}{'' if self.lpips else ' baseline'}"
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from lpips_jax import checks
 from lpips_jax.backbones import NETS
 from lpips_jax.checks import check_batch, check_features, check_images, check_params, check_spatial_size
 from lpips_jax.layout import Variant
@@ -53,9 +54,18 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   gradients) for its pair without an error.
   """
   v = check_params(params)
-  check_images(a, b, v.net, normalize=normalize)
-  return pipeline(params, a, b, variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
-                  precision=precision, remat=remat)
+  options = dict(variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
+                 precision=precision, remat=remat)
+  if not checks.values_known(a, b):  # traced (or empty): shapes and dtypes only
+    check_images(a, b, v.net, normalize=normalize)
+    return pipeline(params, a, b, **options)
+  # Concrete images: their value check is computed in the distance's own call and read back once, after it (an
+  # error is raised before the result is returned); a separate reduction and read before it cost ~8% of an AlexNet
+  # call at batch 8 on CPU (bench/eager.py).
+  checks.check_image_pair(a, b, v.net)
+  out, stats = _pipeline_checking(params, a, b, **options)
+  checks.check_image_values({"a": a, "b": b}, checks.read_back(stats), normalize)
+  return out
 
 
 def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
@@ -102,6 +112,13 @@ def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, 
   t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
   return _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
                   per_layer=per_layer, remat=remat)
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
+                                             "remat"))
+def _pipeline_checking(params, a, b, **options):
+  """`pipeline` and the `value_stats` of both images, in one computation."""
+  return pipeline(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:

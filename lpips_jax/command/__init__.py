@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
   p = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=epilog)
   p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
-  p.add_argument("--net", default="alex", help="alex (default), vgg or squeeze")
+  p.add_argument("--net", default="alex", help="alex (default), vgg, squeeze, or the shift-tolerant ST-LPIPS "
+                                              "alex_st, vgg_st")
   p.add_argument("--version", default="0.1", choices=list(VERSIONS))
   p.add_argument("-o", "--out", type=Path, help="write the CSV here (atomically) instead of to stdout")
   p.add_argument("--resume", action="store_true", help="continue a killed or interrupted -o run: keep the complete "
@@ -153,7 +154,7 @@ def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str)
           write(pairs[first:len(values)], values[first:])
           bar.update(len(values) - first)
   images = len({p for pair in pairs for p in pair}) if mode == "all" else None
-  print(f"{PROG}: {summary(values, images=images)}", file=sys.stderr)
+  print(f"{PROG}: {check_structure(params)}: {summary(values, images=images)}", file=sys.stderr)
 
 
 def check_outputs(pairs: list[tuple[Path, Path]], outputs: dict[str, Path | None]) -> None:
