@@ -27,7 +27,9 @@ from lpips_jax.lpips import pipeline
 # of its peak RSS from 3 pairs of 1000x1000 to 3 pairs of 2000x2000 at --batch-size 1 (float32, one CPU device;
 # README, "The `lpips-jax` command"). It counts the trunk's activations and the host's decoded images, queued batches
 # and padding, so it bounds arrays passed in memory too.
-BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639, "alex_st": 90, "vgg_st": 639}
+# The ST-LPIPS trunks' were measured the same way beside their plain nets' and scaled by the ratio of the slopes
+# (alex_st / alex 4.20: its first conv runs at stride 1; vgg_st / vgg 1.30).
+BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639, "alex_st": 378, "vgg_st": 832}
 BATCH_BYTES = 2**30  # the memory one batch may take
 BATCH_PIXELS = {net: BATCH_BYTES // b for net, b in BYTES_PER_PIXEL.items()}  # the pixels of a batch's pairs
 

@@ -61,12 +61,12 @@ def test_pairwise_diversity_and_score_pairs_give_the_distances(net):
   matrix = lpips_jax.pairwise(params, x, y, batch_size=4)
   expected = np.array([[float(lpips_jax.distance(params, x[i:i + 1], y[j:j + 1])[0]) for j in range(3)]
                        for i in range(3)])
-  np.testing.assert_allclose(matrix, expected, rtol=1e-5)
+  np.testing.assert_allclose(matrix, expected, rtol=1e-4)  # batched convolutions round differently: ~3e-5
   within = lpips_jax.diversity(params, x[None])
   np.testing.assert_allclose(within, [np.mean([lpips_jax.distance(params, x[i:i + 1], x[j:j + 1])[0]
-                                                for i in range(3) for j in range(i + 1, 3)])], rtol=1e-5)
+                                                for i in range(3) for j in range(i + 1, 3)])], rtol=1e-4)
   # Sharded over the 8 fake devices, the last batch padded.
-  np.testing.assert_allclose(lpips_jax.score_pairs(params, x, y, batch_size=2), np.diag(expected), rtol=1e-5)
+  np.testing.assert_allclose(lpips_jax.score_pairs(params, x, y, batch_size=2), np.diag(expected), rtol=1e-4)
 
 
 @pytest.mark.parametrize("net", ST_NETS)
