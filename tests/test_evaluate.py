@@ -311,4 +311,4 @@ def test_an_empty_weights_name_is_refused(flag, capsys):
     eval_main.main([flag, ""])
   assert caught.value.code == 2
   assert capsys.readouterr().err.startswith(f"lpips-jax eval: error: {flag} is empty; give a net name (alex, vgg, "
-                                            f"squeeze) or the path of a .safetensors file")
+                                            f"squeeze, alex_st, vgg_st) or the path of a .safetensors file")

@@ -270,7 +270,8 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
   assert get_config(net="squeeze", dtype="float16", nonneg="heads").dtype == "float16"
   with pytest.raises(ValueError, match=r"unknown --version '0.2'; choose one of \['0.0', '0.1'\]"):
     get_config(version="0.2")
-  with pytest.raises(ValueError, match=r"unknown --net 'resnet'; choose one of \['alex', 'vgg', 'squeeze'\]"):
+  with pytest.raises(ValueError, match=r"unknown --net 'resnet'; choose one of \['alex', 'vgg', 'squeeze', "
+                                       r"'alex_st', 'vgg_st'\]"):
     get_config(net="resnet")
 
 
