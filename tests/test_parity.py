@@ -53,6 +53,16 @@ def official_distance(model, a, b, *, spatial, per_layer, normalize):
   return squeeze(out)
 
 
+def both_distances(model, params, option: str, size):
+  """(ours, the reference model's) distances of a random pair batch of `size` under `option` (one of OPTIONS)."""
+  normalize = option == "normalize"
+  a, b = pair_images((2, *size), seed=sum(size))
+  if normalize:
+    a, b = (a + 1) / 2, (b + 1) / 2
+  kwargs = dict(spatial=option == "spatial", per_layer=option == "per_layer", normalize=normalize)
+  return lpips_jax.distance(params, a, b, **kwargs), official_distance(model, a, b, **kwargs)
+
+
 def largest_error(ours, ref):
   """Absolute error, relative where the reference exceeds 1."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
@@ -66,13 +76,7 @@ def largest_error(ours, ref):
 @pytest.mark.parametrize("net", NETS)
 def test_forward_matches_official_on_random_trunks(net, version, option, size, make_official):
   model, params = random_trunk_pair(make_official, net, version, option != "baseline")
-  normalize = option == "normalize"
-  a, b = pair_images((2, *size), seed=sum(size))
-  if normalize:
-    a, b = (a + 1) / 2, (b + 1) / 2
-  kwargs = dict(spatial=option == "spatial", per_layer=option == "per_layer", normalize=normalize)
-  ref = official_distance(model, a, b, **kwargs)
-  ours = lpips_jax.distance(params, a, b, **kwargs)
+  ours, ref = both_distances(model, params, option, size)
   if option == "per_layer":
     assert len(ours[1]) == len(ref[1]) == len(params) - 1 - (version == "0.1")
     for term, ref_term in zip(ours[1], ref[1]):
@@ -180,14 +184,8 @@ def photograph_pair(size):
 @pytest.mark.parametrize("option", ST_OPTIONS)
 @pytest.mark.parametrize("net", NETS_ST)
 def test_st_lpips_forward_matches_its_reference(stlpips, net, option, size):
-  model, params = st_reference(stlpips, net, option != "baseline"), st_params(net, option != "baseline")
-  normalize = option == "normalize"
-  a, b = pair_images((2, *size), seed=sum(size))
-  if normalize:
-    a, b = (a + 1) / 2, (b + 1) / 2
-  kwargs = dict(spatial=option == "spatial", per_layer=option == "per_layer", normalize=normalize)
-  ref = official_distance(model, a, b, **kwargs)
-  ours = lpips_jax.distance(params, a, b, **kwargs)
+  ours, ref = both_distances(st_reference(stlpips, net, option != "baseline"), st_params(net, option != "baseline"),
+                             option, size)
   if option == "per_layer":
     assert len(ours[1]) == len(ref[1]) == len(ALL_NETS[f"{net}_st"].channels)
     # The reference sums its terms into its first one in place (`val = res[0]; val += res[l]`), so the first term
