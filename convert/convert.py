@@ -61,8 +61,9 @@ def _to_ours(w: np.ndarray) -> np.ndarray:
       w, np.float32)  # OIHW -> HWIO; biases as they are
 
 
-def _to_torch(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)) if w.ndim == 4 else np.asarray(w)
+def _to_torch(w) -> np.ndarray:
+  """HWIO -> OIHW; always a new, writable array (`torch.from_numpy` warns on a read-only view of a jax array)."""
+  return np.array(np.asarray(w).transpose(3, 2, 0, 1) if w.ndim == 4 else w, order="C")
 
 
 def _lpips_key(key: str, net: str) -> str:
