@@ -150,7 +150,7 @@ def test_a_bfloat16_file_is_refused_naming_the_key(tmp_path):
   import torch
   from safetensors.torch import save_file
 
-  flat = {k: torch.from_numpy(v) for k, v in weights.flatten(lpips_jax.load("squeeze", "0.0")).items()}
+  flat = {k: torch.from_numpy(np.array(v)) for k, v in weights.flatten(lpips_jax.load("squeeze", "0.0")).items()}
   flat["lin1/kernel"] = flat["lin1/kernel"].to(torch.bfloat16)
   save_file(flat, tmp_path / "bf16.safetensors")
   with pytest.raises(ValueError, match="bf16.safetensors: tensor lin1/kernel has dtype BF16, which numpy cannot hold"):
