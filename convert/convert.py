@@ -318,8 +318,9 @@ _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2  # numpy 2 renamed numpy.core 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Allows exactly the globals a pickled dict of numpy arrays needs; anything else (code) is refused."""
 
+  # `_codecs.encode` rebuilds bytes in pickles written by Python 2 era numpy (E-LPIPS's heads): it runs no code.
   ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-             ("numpy", "ndarray"), ("numpy", "dtype")}
+             ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
   def find_class(self, module, name):
     if (module, name) not in self.ALLOWED:
@@ -358,6 +359,49 @@ def models_from_stlpips(path: str | Path, nets=tuple(STLPIPS_MEMBERS)) -> dict[s
       member = Path(tmp) / Path(STLPIPS_MEMBERS[net]).name
       member.write_bytes(wheel.read(STLPIPS_MEMBERS[net]))
       out[net] = convert_file(member, from_lpips_state_dict, net, "0.1")
+  return out
+
+
+# E-LPIPS's published VGG heads: elpips/vgg_full_avg.npy of mkettune/elpips (BSD-2-Clause), a numpy .npy file
+# holding a pickled dict {"lin<l>.model.1.weight": float32 [1, 1, C_l, 1]}, l = 0..13.
+ELPIPS_COMMIT = "9192007c5971919caebc0dc7c866fa872406f468"
+ELPIPS_HEADS_URL = f"https://raw.githubusercontent.com/mkettune/elpips/{ELPIPS_COMMIT}/elpips/vgg_full_avg.npy"
+ELPIPS_HEADS_SHA256 = "2f9171c0fb542223efc240fed40c0e56ad3014d5a9153e4a3fdc00cf7b1bb16e"
+
+
+def heads_from_elpips(path: str | Path) -> dict:
+  """E-LPIPS's 14 VGG heads `{"lin<l>": {"kernel": [1, 1, C_l, 1]}}` from the published `vgg_full_avg.npy`
+  (checksum-verified; its pickle read with the numpy-only unpickler, never `np.load(allow_pickle=True)`)."""
+  try:
+    data = Path(path).read_bytes()
+  except OSError as e:
+    raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != ELPIPS_HEADS_SHA256:
+    raise ConversionError(f"{path} has sha256 {digest}, not that of E-LPIPS's published vgg_full_avg.npy "
+                          f"({ELPIPS_HEADS_SHA256}); download it again from {ELPIPS_HEADS_URL}")
+  stream = io.BytesIO(data)
+  version = np.lib.format.read_magic(stream)
+  header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+  shape, _, dtype = header(stream)
+  if dtype != object or shape != ():  # unreachable for the checked file; guards a future change of the checksum
+    raise ConversionError(f"{path}: expected one pickled dict, found an array of {dtype} {shape}")
+  state = read_numpy_pickle(data[stream.tell():]).item()
+  state = _numpy(state)
+  out, problems = {}, []
+  for k, c in enumerate(NETS["vgg_ensemble"].channels):  # stored as TensorFlow 1x1 kernels: already [1, 1, C, 1]
+    key = f"lin{k}.model.1.weight"
+    problem = f"missing key {key!r}" if key not in state else _refused(key, state[key])
+    if problem is None and state[key].shape != (1, 1, c, 1):
+      problem = f"key {key!r} has shape {state[key].shape}, expected (1, 1, {c}, 1)"
+    if problem:
+      problems.append(problem)
+    else:
+      out[f"lin{k}"] = {"kernel": state[key].astype(np.float32)}
+  if problems or len(state) != len(out):
+    problems += [f"unexpected key {key!r}" for key in sorted(set(state) - {f"lin{k}.model.1.weight" for k in
+                                                                          range(len(out))})]
+    raise ConversionError(f"{path}: " + "; ".join(problems))
   return out
 
 

@@ -9,11 +9,13 @@ rename plus an OIHW -> HWIO transpose.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpips_jax.errors import InputError
 
@@ -113,6 +115,53 @@ class VGG16(_Trunk):
     return x
 
 
+# (block, position in the block, torchvision index, output channels) of each of VGG16's 13 convs, in order.
+_VGG16_CONVS = tuple((b, p, i, c) for b, block in enumerate(_VGG16_SLICES) for p, (i, c) in enumerate(block))
+
+
+class VGG16Avg(_Trunk):
+  """E-LPIPS's VGG16 (docs/variants.md §2 A.2): torchvision's 13 convolutions (named as `VGG16`'s, so the VGG16
+  trunk file serves both), 2x2/2 average pools in place of the max pools (sizes rounded down); 14 taps: the scaled
+  input itself, then every conv's ReLU.
+
+  With a "dropout" rng (`apply(..., rngs={"dropout": key})`), the input of every conv is kept with probability
+  `KEEP` and scaled by 1 / KEEP, as the reference's ensemble does. The batch is `mask_groups` equal groups that see
+  the same masks: 2 for a pair's two images stacked, the batch size for one sample shared by every image.
+  """
+
+  mask_groups: int = 1
+  slices = 1 + len(_VGG16_CONVS)
+  KEEP = 0.99
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    masks = self.masks(x.shape) if self.has_rng("dropout") else [None] * len(_VGG16_CONVS)
+    run, taps = _remat(type(self).slice, self.remat), [x]
+    for s, mask in enumerate(masks, 1):
+      taps.append(x := run(self, x, s, mask))
+    return tuple(taps)
+
+  def masks(self, shape) -> list[jax.Array]:
+    """The dropout masks (0 or 1 / KEEP) of the 13 conv inputs for a batch of `shape`, from one draw: the compile
+    time of one random draw per conv was most of the network's."""
+    n, h, w, c = shape
+    inputs = (c, *(features for _, _, _, features in _VGG16_CONVS[:-1]))
+    shapes = [(n // self.mask_groups, h >> b, w >> b, c) for (b, _, _, _), c in zip(_VGG16_CONVS, inputs)]
+    keep = jax.random.bernoulli(self.make_rng("dropout"), self.KEEP, (sum(map(math.prod, shapes)),))
+    scaled = keep.astype(self.dtype or jnp.float32) / self.KEEP
+    ends = np.cumsum([0, *map(math.prod, shapes)])
+    return [jnp.tile(scaled[a:b].reshape(s), (self.mask_groups, 1, 1, 1)) for a, b, s in zip(ends, ends[1:], shapes)]
+
+  def slice(self, x: jax.Array, s: int, mask=None) -> jax.Array:
+    block, position, index, features = _VGG16_CONVS[s - 1]
+    if block and not position:  # the 2x2/2 average pool opening blocks 2-5; an odd last row or column is dropped
+      n, h, w, c = x.shape
+      x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    if mask is not None:
+      x = x * mask.astype(x.dtype)
+    return nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
+
+
 BINOMIAL = (0.25, 0.5, 0.25)  # the blur pool's 1-D filter; ST-LPIPS's 2-D filter is its outer product
 
 
@@ -207,6 +256,8 @@ class Net(NamedTuple):
   channels: tuple[int, ...]  # of each tap, in order
   min_size: int  # smallest input height and width for which the reference computes every tap (torch raises below)
   heads: str | None = None  # the released heads' one version, if one set serves both input scalings (ST-LPIPS)
+  weights: str | None = None  # the net whose trunk file this trunk uses, if another's (E-LPIPS: torchvision VGG16)
+  ensemble: bool = False  # E-LPIPS: a distance averaged over random transformations (lpips_jax.elpips)
 
 
 NETS = {
@@ -215,11 +266,16 @@ NETS = {
     "squeeze": Net(SqueezeNet, (64, 128, 256, 384, 384, 512, 512), 17),
     "alex_st": Net(STAlexNet, (64, 192, 384, 256, 256), 21, heads="ST0.0"),
     "vgg_st": Net(STVGG16, (64, 128, 256, 512, 512), 18, heads="ST0.0"),
+    # E-LPIPS: 14 taps, the input and 13 convs. Its smallest size is that of its largest downscaling (8x): below 58
+    # pixels some samples leave block 5 an empty map and the reference returns NaN (docs/variants.md §2 D).
+    "vgg_ensemble": Net(VGG16Avg, (3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512), 58,
+                        heads="E", weights="vgg", ensemble=True),
 }
 # Other names the official packages, torchvision or pyiqa use for the same trunks.
 ALIASES = {"alexnet": "alex", "vgg16": "vgg", "squeezenet": "squeeze", "squeezenet1_1": "squeeze",
            "stlpips": "alex_st", "stlpips-vgg": "vgg_st", "alex_shift_tolerant": "alex_st",
-           "vgg_shift_tolerant": "vgg_st"}
+           "vgg_shift_tolerant": "vgg_st", "elpips": "vgg_ensemble", "elpips_vgg": "vgg_ensemble",
+           "e-lpips": "vgg_ensemble"}
 
 
 def net_name(net: str) -> str:

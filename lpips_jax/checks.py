@@ -40,6 +40,9 @@ def params_variant(params) -> Variant:
   if keys != expected:
     raise InputError(f"params for net {net!r}: missing keys {sorted(expected - keys)}, unexpected keys "
                      f"{sorted(keys - expected)}; expected {sorted(expected)}.")
+  if NETS[net].ensemble and not (lpips and "scaling" in keys):
+    raise InputError(f"params for net {net!r} (E-LPIPS) need the input scaling and all {len(heads)} heads; missing "
+                     f"{sorted(({'scaling'} | heads) - keys)}. Get them with lpips_jax.load('vgg_ensemble').")
   return Variant(net, "scaling" in keys, lpips)
 
 
@@ -221,6 +224,37 @@ def check_features(f0, f1, net: str) -> None:
                        f"params they came from")
 
 
+NOT_SPATIAL = ("E-LPIPS has no spatial map: each sample sees the images rescaled, shifted, flipped and transposed; "
+               "use spatial maps with LPIPS params (e.g. lpips_jax.load('vgg'))")
+
+
+def check_sampling(net: str, key, samples, *, spatial: bool = False, concrete: bool = False):
+  """E-LPIPS's `key` (returned) and `samples`: required and a `jax.random` key for its nets (`concrete`: not
+  traced), a positive integer; for the other nets, which are deterministic, both must be left out."""
+  if not NETS[net].ensemble:
+    if key is not None or not (isinstance(samples, int) and samples == 1):
+      raise InputError(f"key and samples are E-LPIPS's (params of lpips_jax.load('vgg_ensemble')); net {net!r} is "
+                       f"deterministic: leave them out")
+    return None
+  if key is None:
+    raise InputError("E-LPIPS averages the distance over random transformations of both images: pass "
+                     "key=jax.random.key(seed) (the same key gives the same value; use a new key for new samples, "
+                     "e.g. one per training step)")
+  dtype = getattr(key, "dtype", None)
+  typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and jnp.shape(key) == ()
+  raw = dtype == np.uint32 and jnp.shape(key) == (2,)
+  if not (typed or raw):
+    raise InputError(f"key must be one jax.random key (jax.random.key(seed), or jax.random.PRNGKey(seed)); got "
+                     f"{type(key).__name__} of dtype {dtype} and shape {jnp.shape(key)}")
+  if concrete and isinstance(key, jax.core.Tracer):
+    raise InputError("E-LPIPS features need a concrete key (not traced under jit): the sampled downscaling decides "
+                     "the features' shapes. Call features outside jit, or use distance, which takes a traced key")
+  check_positive_int(samples, "samples")
+  if spatial:
+    raise InputError(NOT_SPATIAL)
+  return key
+
+
 def check_positive_int(value, name: str) -> int:
   """`value` as an int, or an InputError naming `name` unless it is a positive integer (not a bool or a float)."""
   if not _is_positive_int(value):
@@ -333,8 +367,10 @@ def _check_layout(name: str, x, net: str) -> None:
   h, w = shape[1:3]
   least = NETS[net].min_size
   if h < least or w < least:
+    why = ("E-LPIPS downscales by up to 8, after which its network needs 16 pixels" if NETS[net].ensemble else
+           "LPIPS was trained on 64x64 patches")
     raise InputError(f"{name}: images of {h}x{w} are too small for net {net!r}: it needs at least {least}x{least} "
-                     f"(LPIPS was trained on 64x64 patches; upsample small images)")
+                     f"({why}; upsample small images)")
 
 
 def _check_values(images: dict, normalize: bool) -> None:

@@ -1,70 +1,83 @@
-"""E-LPIPS's deterministic core (Kettunen et al. 2019; docs/variants.md §2): the VGG16 ensemble network and one
-fixed transformation of both images of a pair.
+"""E-LPIPS (Kettunen, Härkönen & Lehtinen 2019; docs/variants.md §2): the LPIPS pipeline averaged over random
+transformations of both images of a pair.
 
-Part of issue #17, in progress: the random ensemble (sampling, `n` samples, dropout), the heads' converter and the
-entry points come next; nothing public uses this module yet. Its numbers are tested against the reference's
-(tests/test_elpips.py, tests/data/elpips_goldens_seeded.json).
+Each sample draws one transformation from a `jax.random` key (`sample`): a box downscaling by s in 1..8 (P(s) ∝
+1/s²), integer offsets with reflect padding, flips, a transposition, a colour permutation and per-channel colour
+scales, plus dropout of every conv input inside the network; both images of a pair get the same transformation and
+the same dropout masks. The network is VGG16 with average pools and 14 heads (`backbones.VGG16Avg`), and each
+sample's distance is `lpips.pipeline`'s: taps -> unit normalisation -> weighted squared differences -> spatial
+means -> sum. The distance is the mean over `samples` samples.
+
+Which parts are drawn once per batch and which per image follows the reference (§2 C): the scale level, its padding
+and the transposition are shared by the whole batch; offsets, flips, permutations and colour scales are drawn per
+image, flips, permutations and colour scales stratified across the batch.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpips_jax.backbones import _VGG16_SLICES, _conv
-from lpips_jax.layout import SCALE, SHIFT
-from lpips_jax.lpips import unit_normalize
+from lpips_jax.backbones import NETS
+from lpips_jax.layout import Variant
 
-# Channels of the 14 taps: the scaled input, then every conv of VGG16 after its ReLU (A.2).
-CHANNELS = (3, *(c for block in _VGG16_SLICES for _, c in block))
-OFFSET_MAX = 7  # the reference's offset_max: every offset pads 7 rows and 7 columns in all (B.2)
-
-
-class VGG16Avg(nn.Module):
-  """E-LPIPS's VGG16: torchvision's convolutions (named as `backbones.VGG16`'s, so `load("vgg")["vgg"]` is its
-  params), 2x2/2 average pools (sizes rounded down) in place of the max pools; taps: the input and all 13 ReLUs."""
-
-  dtype: Any = None
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, z: jax.Array) -> tuple[jax.Array, ...]:
-    taps = [z]
-    for s, block in enumerate(_VGG16_SLICES):
-      if s:  # 2x2/2 average pool, the last odd row and column dropped (TF's VALID)
-        n, h, w, c = z.shape
-        z = z[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-      for index, features in block:
-        z = nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(z))
-        taps.append(z)
-    return tuple(taps)
+CHANNELS = NETS["vgg_ensemble"].channels
+SCALE_LEVELS = 8  # downscalings by 1..8 (the reference's num_scales)
+OFFSET_MAX = 7  # offsets 0..7: every offset pads 7 rows and 7 columns in all (B.2)
+COLOR_MIN = 0.2  # colour scales are uniform in [0.2, 1)
+PERMUTATIONS = np.array(list(itertools.permutations(range(3))), np.int32)  # in the reference's order (C.7)
+FLIPS = 4  # 0: columns reversed, 1: rows reversed, 2: both, 3: none
 
 
 class Transform(NamedTuple):
-  """One transformation of the ensemble (B), the same for both images of each pair. Batch-wide: `scale` (a Python
-  int s >= 1), `scale_pad` (py, px) in [0, s), `transpose`; per image: `offset` [N, 2] (dy, dx) in [0, 7], or None
-  for no offset step at all; `flip` [N] (0: columns reversed, 1: rows, 2: both, 3: none); `permutation` [N, 3];
-  `color_scale` [N, 3]."""
+  """One transformation of the ensemble (§2 B), the same for both images of each pair. Batch-wide: `scale` s >= 1,
+  `scale_pad` (py, px) in [0, s), `transpose`; per image: `offset` [N, 2] (dy, dx) in [0, 7] (None: no offset
+  step, for the reference's untransformed network), `flip` [N], `permutation` [N, 3], `color_scale` [N, 3]. Fields
+  are Python numbers or (traced) arrays."""
 
-  scale: int
-  scale_pad: tuple[int, int]
+  scale: Any
+  scale_pad: Any
   offset: Any
   flip: Any
-  transpose: bool
+  transpose: Any
   permutation: Any
   color_scale: Any
 
 
-def transform(t: Transform, x: jax.Array) -> jax.Array:
-  """Images `x` [N, H, W, 3] in [0, 1] transformed by `t` (B.1-B.6; the transpose is left to `network_distance`,
-  which transposes the kernels instead, B.4)."""
-  if t.scale > 1:  # B.1: reflect-pad to a multiple of s (at least s - 1 more), then s x s box means
-    s, (py, px) = t.scale, t.scale_pad
-    hf, wf = ((n + 2 * s - 2) // s * s for n in x.shape[1:3])
-    x = jnp.pad(x, [(0, 0), (py, hf - x.shape[1] - py), (px, wf - x.shape[2] - px), (0, 0)], mode="reflect")
+def sample(key: jax.Array, n: int, dtype=jnp.float32) -> Transform:
+  """The transformation of one sample for a batch of `n` pairs, drawn as the reference draws it (§2 C): the scale
+  level, its padding and the transposition once for the batch; offsets per image; flips, permutations and colour
+  scales per image but stratified: over a batch of 4m images each flip occurs m times, over 6m images each
+  permutation m times, and each channel's colour scales take one value from each of the n equal strata."""
+  keys = jax.random.split(key, 6)
+  weights = 1 / np.arange(1, SCALE_LEVELS + 1) ** 2
+  scale = 1 + jax.random.choice(keys[0], SCALE_LEVELS, p=jnp.asarray(weights / weights.sum(), jnp.float32))
+  scale_pad = jax.random.randint(keys[1], (2,), 0, scale)
+  offset = jax.random.randint(keys[2], (n, 2), 0, OFFSET_MAX + 1)
+  flip = jax.random.permutation(keys[3], np.arange(FLIPS * -(-n // FLIPS)) % FLIPS)[:n]
+  transpose = jax.random.bernoulli(keys[4])
+  colour, permutation = jax.random.split(keys[5])
+  strata = lambda k: jax.random.permutation(k, (jax.random.uniform(k, (n,), dtype) + jnp.arange(n, dtype=dtype)) / n)
+  color_scale = COLOR_MIN + (1 - COLOR_MIN) * jnp.stack([strata(k) for k in jax.random.split(colour, 3)], axis=-1)
+  permutation = jax.random.permutation(permutation, np.tile(PERMUTATIONS, (-(-n // 6), 1)), axis=0)[:n]
+  return Transform(scale, scale_pad, offset, flip, transpose, permutation, color_scale)
+
+
+def transform(t: Transform, x: jax.Array, scale: int) -> jax.Array:
+  """Images `x` [N, H, W, 3] in [0, 1] transformed by `t` at its scale level `scale` (a Python int, as it decides
+  the output's shape): B.1-B.3, B.5, B.6. The transposition (B.4) is left to the caller."""
+  if scale > 1:  # B.1: reflect-pad to a multiple of s (py rows above), then s x s box means
+    s = scale
+    h, w = x.shape[1:3]
+    hf, wf = ((n + 2 * s - 2) // s * s for n in (h, w))
+    # The most padding any (py, px) needs, then the window that starts py rows and px columns above the image.
+    x = jnp.pad(x, [(0, 0), (s - 1, hf - h), (s - 1, wf - w), (0, 0)], mode="reflect")
+    py, px = (s - 1 - jnp.asarray(p) for p in (t.scale_pad[0], t.scale_pad[1]))
+    x = jax.lax.dynamic_slice(x, (0, py, px, 0), (x.shape[0], hf, wf, 3))
     x = x.reshape(x.shape[0], hf // s, s, wf // s, s, 3).mean(axis=(2, 4))
   if t.offset is not None:  # B.2: 7 - dy rows above and dy below: a window of the image padded by 7 all round
     h, w = x.shape[1:3]
@@ -78,30 +91,93 @@ def transform(t: Transform, x: jax.Array) -> jax.Array:
   return x * jnp.asarray(t.color_scale, x.dtype)[:, None, None, :]  # B.6
 
 
-def network_distance(trunk, heads, a, r, *, transpose=False, per_layer: bool = False):
-  """The E-LPIPS network's distance (A) of images `a`, `r` [N, H, W, 3] in [-1, 1] (after `transform` and 2x - 1):
-  the sum over the 14 taps of head_l . mean_hw (n_a - n_r)^2, n the unit-normalised tap. `trunk`: VGG16 params
-  (`load("vgg")["vgg"]`); `heads`: 14 arrays [C_l]. `transpose` (B.4) runs the network on both images transposed,
-  as its convolutions with transposed kernels: every tap is then the transpose of the untransposed one, and the
-  spatial means do not see it (average pools of 2x2 round both axes alike)."""
-  kernels = jax.tree_util.tree_map_with_path(
-      lambda path, w: jnp.where(transpose, w.swapaxes(0, 1), w) if path[-1].key == "kernel" else w, trunk)
-  shift, scale = (jnp.asarray(c, a.dtype).reshape(1, 1, 1, 3) for c in (SHIFT, SCALE))
-  ta, tr = (VGG16Avg().apply({"params": kernels}, (x - shift) / scale) for x in (a, r))
-  terms = []
-  for head, fa, fr in zip(heads, ta, tr):
-    n_a, n_r = unit_normalize(fa), unit_normalize(fr)
-    d = (jnp.maximum(n_a, n_r) - jnp.minimum(n_a, n_r)) ** 2  # symmetric, exactly 0 for equal taps (lpips.py)
-    terms.append(jnp.dot(jnp.mean(d, axis=(1, 2)), head, precision=jax.lax.Precision.HIGHEST))
-  total = sum(terms[1:], terms[0])
-  return (total, terms) if per_layer else total
+def transposed(params, net: str, images: tuple[jax.Array, ...], swap) -> tuple[dict, tuple[jax.Array, ...]]:
+  """The params and images with which the network sees `images` transposed when `swap` (B.4). Square images are
+  transposed; other shapes would change, so the network's kernels are transposed instead (a convolution of the
+  transposed image is the transpose of one with transposed kernels; 2x2 pools floor both axes alike, and spatial
+  means do not see the orientation)."""
+  if images[0].shape[1] == images[0].shape[2]:
+    return params, tuple(jnp.where(swap, x.swapaxes(1, 2), x) for x in images)
+  swap_kernels = lambda trunk: jax.tree_util.tree_map_with_path(
+      lambda path, w: w.swapaxes(0, 1) if path[-1].key == "kernel" else w, trunk)
+  trunk = jax.lax.cond(swap, swap_kernels, lambda trunk: trunk, params[net])
+  return {**params, net: trunk}, images
 
 
-def fixed_distance(trunk, heads, t: Transform, image, reference, *, per_layer: bool = False):
-  """The E-LPIPS network's distance of `image` and `reference` [N, H, W, 3] in [0, 1] under the one transformation
-  `t` (dropout off): the deterministic core of one sample."""
-  a, r = (2 * transform(t, x) - 1 for x in (image, reference))
-  return network_distance(trunk, heads, a, r, transpose=t.transpose, per_layer=per_layer)
+def transformed_distance(v: Variant, params, t: Transform, scale: int, a01, b01, *, dropout=None,
+                         per_layer: bool = False, dtype=None, precision=None, remat: bool = False):
+  """The LPIPS pipeline (`lpips.pipeline`'s steps) of images `a01`, `b01` [N, H, W, 3] in [0, 1] under the one
+  transformation `t` at its scale level `scale`, with dropout masks drawn from `dropout` (None: no dropout, the
+  deterministic core the reference's goldens pin)."""
+  from lpips_jax.lpips import compare, trunk_taps  # lpips imports this module
+
+  p, (a, b) = transposed(params, v.net, tuple(2 * transform(t, x, scale) - 1 for x in (a01, b01)), t.transpose)
+  # Both images in one trunk call (they share its dropout masks): half the program of two calls to compile, for
+  # each of the eight scale levels. The rows of one call compute alike, so d(x, x) is 0 and d(a, b) = d(b, a).
+  taps = trunk_taps(v, p, jnp.concatenate([a, b]), False, dtype, precision, remat, dropout, mask_groups=2)
+  n = a.shape[0]
+  return compare(v, p, [x[:n] for x in taps], [x[n:] for x in taps], raw=True, per_layer=per_layer, remat=remat)
+
+
+def one_sample(v: Variant, params, a01, b01, key, **options):
+  """One sample of E-LPIPS for images `a01`, `b01` [N, H, W, 3] in [0, 1]: the transformation and dropout masks
+  drawn from `key`, then `transformed_distance`. The scale level decides the shapes, so each level is a branch of
+  its own (all compiled, one run)."""
+  t_key, dropout = jax.random.split(key)
+  t = sample(t_key, a01.shape[0], a01.dtype)
+  branches = [functools.partial(transformed_distance, v, scale=s, **options) for s in range(1, SCALE_LEVELS + 1)]
+  return jax.lax.switch(t.scale - 1, [lambda p, t, a, b, k, f=f: f(p, t, a01=a, b01=b, dropout=k) for f in branches],
+                        params, t, a01, b01, dropout)
+
+
+def sample_key(key: jax.Array, i) -> jax.Array:
+  """The key of sample `i` of a call with `key`."""
+  return jax.random.fold_in(key, i)
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "samples", "per_layer", "normalize", "dtype", "precision",
+                                             "remat"))
+def pipeline(params, a, b, key, *, variant: Variant, samples: int, per_layer: bool, normalize: bool, dtype=None,
+             precision=None, remat: bool = False):
+  """E-LPIPS of checked params and images: the mean of `samples` samples (`one_sample`), accumulated one sample at
+  a time, so memory does not grow with `samples`; the gradient recomputes each sample's forward pass rather than
+  keep all of them."""
+  a01, b01 = (x if normalize else (x + 1) / 2 for x in (to_float(a), to_float(b)))
+  one = functools.partial(one_sample, variant, per_layer=per_layer, dtype=dtype, precision=precision, remat=remat)
+  if samples == 1:
+    return one(params, a01, b01, sample_key(key, 0))
+
+  def step(total, i):
+    d = jax.checkpoint(one, prevent_cse=False)(params, a01, b01, sample_key(key, i))
+    return jax.tree.map(jnp.add, total, d), None
+
+  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, params, a01, b01, sample_key(key, 0)))
+  total, _ = jax.lax.scan(step, zero, jnp.arange(samples))
+  return jax.tree.map(lambda x: x / samples, total)
+
+
+def to_float(x) -> jax.Array:
+  """float32, or float64 for float64 inputs: the metric never computes below float32."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
+
+
+def sample_taps(v: Variant, params, x, key, *, normalize: bool, dtype=None, precision=None, remat: bool = False,
+                shared: bool = False) -> tuple[jax.Array, ...]:
+  """The raw taps of images `x` under sample 0 of `key` (as `pipeline`'s first sample draws it for a batch of
+  len(x) pairs), in the orientation of `x`. `key` must be concrete: the scale level decides the taps' shapes.
+  `shared`: one transformation and one set of dropout masks for every image (drawn for a batch of one), so that
+  any two images of `x` form a pair of the same sample."""
+  from lpips_jax.lpips import trunk_taps
+
+  t_key, dropout = jax.random.split(sample_key(key, 0))
+  x01 = to_float(x) if normalize else (to_float(x) + 1) / 2
+  t = sample(t_key, 1 if shared else len(x), x01.dtype)
+  if shared:
+    t = t._replace(**{f: jnp.broadcast_to(getattr(t, f), (len(x), *getattr(t, f).shape[1:])) for f in
+                      ("offset", "flip", "permutation", "color_scale")})
+  p, (z,) = transposed(params, v.net, (2 * transform(t, x01, int(t.scale)) - 1,), bool(t.transpose))
+  return trunk_taps(v, p, z, False, dtype, precision, remat, dropout, mask_groups=len(x) if shared else 1)
 
 
 def seeded_heads(seed: int = 2024) -> list[np.ndarray]:

@@ -14,23 +14,29 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from lpips_jax import checks
+from lpips_jax import checks, elpips
 from lpips_jax.backbones import NETS
 from lpips_jax.checks import check_batch, check_features, check_images, check_params, check_spatial_size
+from lpips_jax.errors import InputError
 from lpips_jax.layout import Variant
 
 EPS = 1e-10  # official normalize_tensor: added outside the square root
 
-def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_layer: bool = False,
-             normalize: bool = False, dtype=None, precision=None, remat: bool = False):
+def distance(params, a: ArrayLike, b: ArrayLike, *, key: jax.Array | None = None, samples: int = 1,
+             spatial: bool = False, per_layer: bool = False, normalize: bool = False, dtype=None, precision=None,
+             remat: bool = False):
   """LPIPS distance between two batches of images, as the official `lpips.LPIPS(...)(a, b)`.
 
   Args:
     params: pytree from `lpips_jax.load(net, version, lpips=...)`; it decides the net, version and baseline mode.
     a, b: float images, NHWC [N, H, W, 3], RGB in [-1, 1] (or [0, 1] with `normalize=True`), of equal shape and at
-      least the net's minimum size (alex 31, vgg 16, squeeze 17 pixels).
+      least the net's minimum size (alex 31, vgg 16, squeeze 17, alex_st 21, vgg_st 18, vgg_ensemble 58 pixels).
+    key: E-LPIPS params only (`load("vgg_ensemble")`), and required there: the `jax.random` key its random
+      transformations and dropout masks are drawn from. The same key (and batch size) gives the same value; a new
+      key per training step gives new samples.
+    samples: E-LPIPS only: the number of random transformations averaged (the reference's `n`; 1 for a loss).
     spatial: return the distance map [N, H, W] (each layer's map upsampled bilinearly to the input size, summed)
-      instead of its mean.
+      instead of its mean (not for E-LPIPS, whose samples see the images rescaled, shifted and flipped).
     per_layer: also return the list of per-layer terms, each shaped like the total.
     normalize: the inputs are in [0, 1] (mapped by 2x - 1 first).
     dtype: the trunk's compute dtype, e.g. `jnp.bfloat16` (scaling, normalisation, heads and output stay float32).
@@ -54,11 +60,15 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   gradients) for its pair without an error.
   """
   v = check_params(params)
-  options = dict(variant=v, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=dtype,
-                 precision=precision, remat=remat)
-  if not checks.values_known(a, b):  # traced (or empty): shapes and dtypes only
-    check_images(a, b, v.net, normalize=normalize)
-    return pipeline(params, a, b, **options)
+  options = dict(variant=v, per_layer=per_layer, normalize=normalize, dtype=dtype, precision=precision, remat=remat)
+  if NETS[v.net].ensemble:
+    options.update(key=checks.check_sampling(v.net, key, samples, spatial=spatial), samples=int(samples))
+  else:
+    checks.check_sampling(v.net, key, samples)
+    options.update(spatial=spatial)
+  if not checks.values_known(a, b) or _traced(params, key):  # under a transformation: no fused value check
+    check_images(a, b, v.net, normalize=normalize)  # values only if concrete
+    return _distance(params, a, b, **options)
   # Concrete images: their value check is computed in the distance's own call and read back once, after it (an
   # error is raised before the result is returned); a separate reduction and read before it cost ~8% of an AlexNet
   # call at batch 8 on CPU (bench/eager.py).
@@ -68,9 +78,14 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, spatial: bool = False, per_l
   return out
 
 
-def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, precision=None,
-             remat: bool = False) -> tuple[jax.Array, ...]:
+def features(params, x: ArrayLike, *, key: jax.Array | None = None, normalize: bool = False, dtype=None,
+             precision=None, remat: bool = False) -> tuple[jax.Array, ...]:
   """The unit-normalised trunk taps of images `x` [N, H, W, 3]: a tuple of float32 [N, h_l, w_l, C_l].
+
+  E-LPIPS params take a concrete `key` (required; not traced: the sampled downscaling decides the shapes): the taps
+  of `x` under the transformation and dropout masks of the first sample `distance(..., key=key)` draws for a batch
+  of len(x) pairs. The features of two batches of the same size and key form that sample's pairs, so
+  `distance_from_features` of them is `distance(params, a, b, key=key, samples=1)`.
 
   `dtype` (e.g. `jnp.bfloat16`) is the trunk's compute dtype; scaling, normalisation and the result stay float32.
   `precision` is the XLA convolution precision ('highest' for parity on GPU/TPU, where the default f32 convolution
@@ -81,7 +96,13 @@ def features(params, x: ArrayLike, *, normalize: bool = False, dtype=None, preci
   """
   v = check_params(params)
   check_batch(x, v.net, name="x", normalize=normalize)
-  return tuple(map(unit_normalize, trunk_taps(v, params, x, normalize, dtype, precision, remat)))
+  if NETS[v.net].ensemble:
+    checks.check_sampling(v.net, key, 1, concrete=True)
+    taps = elpips.sample_taps(v, params, x, key, normalize=normalize, dtype=dtype, precision=precision, remat=remat)
+  else:
+    checks.check_sampling(v.net, key, 1)
+    taps = trunk_taps(v, params, x, normalize, dtype, precision, remat)
+  return tuple(map(unit_normalize, taps))
 
 
 def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | None = None, per_layer: bool = False,
@@ -97,7 +118,9 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
   v = check_params(params)
   check_features(f0, f1, v.net)
   spatial_size = check_spatial_size(spatial_size)
-  return _compare(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
+  if NETS[v.net].ensemble and spatial_size is not None:
+    raise InputError(checks.NOT_SPATIAL)
+  return compare(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
                   dropout_rng=dropout_rng)
 
 
@@ -110,25 +133,40 @@ def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, 
   # equals d(b, a) bitwise. One call over the 2N stacked images would guarantee that, but costs 2-4% forward and
   # 32-49% with the gradient w.r.t. `a` alone (bench/eager.py: the gradient then runs through b's trunk too).
   t0, t1 = (trunk_taps(variant, params, x, normalize, dtype, precision, remat) for x in (a, b))
-  return _compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
+  return compare(variant, params, t0, t1, raw=True, spatial_size=a.shape[1:3] if spatial else None,
                   per_layer=per_layer, remat=remat)
 
 
+def _traced(*trees) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+def _distance(params, a, b, *, key=None, **options):
+  """`pipeline`, or E-LPIPS's (`elpips.pipeline`) for its params (`options` has its `samples`)."""
+  if NETS[options["variant"].net].ensemble:
+    return elpips.pipeline(params, a, b, key, **options)
+  return pipeline(params, a, b, **options)
+
+
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
-                                             "remat"))
+                                             "remat", "samples"))
 def _pipeline_checking(params, a, b, **options):
-  """`pipeline` and the `value_stats` of both images, in one computation."""
-  return pipeline(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
+  """`_distance` and the `value_stats` of both images, in one computation."""
+  return _distance(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
 
 
-def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat) -> tuple[jax.Array, ...]:
-  """The raw trunk taps, float32 (or float64), before the channel normalisation."""
-  apply = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat).apply
-  taps = apply({"params": params[v.net]}, _scale_input(v, params, x, normalize))
+def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat, dropout=None, *,
+               mask_groups: int = 1) -> tuple[jax.Array, ...]:
+  """The raw trunk taps, float32 (or float64), before the channel normalisation. `dropout`: E-LPIPS's key of the
+  trunk's dropout masks, the same for each of the batch's `mask_groups` equal groups (`backbones.VGG16Avg`)."""
+  trunk = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat,
+                            **({"mask_groups": mask_groups} if dropout is not None else {}))
+  taps = trunk.apply({"params": params[v.net]}, _scale_input(v, params, x, normalize),
+                     rngs=None if dropout is None else {"dropout": dropout})
   return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
-def _compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
+def compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
              remat=False):
   """The distance from two tuples of taps: `raw` trunk taps (unit-normalised here) or already unit-normalised."""
   def term(k, x0, x1):  # layer k's term: normalise both taps, map, reduce

@@ -67,7 +67,8 @@ def user_dir() -> Path:
 
 
 def trunk_file(net: str) -> str:
-  return f"{net}.safetensors"
+  """The trunk's file: the net's own, or the one it shares (E-LPIPS's VGG16 is torchvision's, as `vgg`'s)."""
+  return f"{NETS[net].weights or net}.safetensors"
 
 
 def heads_file(net: str, version: str) -> str:
@@ -154,8 +155,9 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
   """Pretrained LPIPS params: the ImageNet trunk, the v0.1 input scaling, and the linear heads.
 
   Args:
-    net: 'alex' (default), 'vgg' or 'squeeze' (aliases 'alexnet', 'vgg16', 'squeezenet1_1'); or the path of a
-      weights file written by `train/` or `lpips_jax.weights.save`.
+    net: 'alex' (default), 'vgg' or 'squeeze' (aliases 'alexnet', 'vgg16', 'squeezenet1_1'); the ST-LPIPS nets
+      'alex_st' and 'vgg_st' ('stlpips', 'stlpips-vgg'); E-LPIPS's 'vgg_ensemble' ('elpips'), whose distance needs a
+      key (`lpips_jax.distance`); or the path of a weights file written by `train/` or `lpips_jax.weights.save`.
     version: '0.1' (the official default) or '0.0' (the original release, without input scaling).
     lpips: False gives the uncalibrated baseline: the trunk alone, distances summed over channels unweighted.
     device: where the arrays live. None (default): JAX's default device; a `jax.Device`; or a
@@ -191,6 +193,9 @@ def load(net: str | os.PathLike = "alex", version: str = "0.1", *, lpips: bool =
                      f"(lpips-jax convert --help), or give a net name: {sorted(NETS)}")
   params = scaling(version)
   net = net_name(net)
+  if NETS[net].ensemble and not (version == "0.1" and lpips is True):
+    raise InputError(f"{net} (E-LPIPS) has one form, its 14 heads on the v0.1 input scaling: call "
+                     f"lpips_jax.load({net!r}) without version or lpips")
   params[net] = read_pretrained(trunk_file(net))
   if lpips:
     params.update(read_pretrained(heads_file(net, version)))

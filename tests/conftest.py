@@ -79,6 +79,17 @@ def stlpips():
 
 
 @pytest.fixture(scope="session")
+def elpips_params():
+  """E-LPIPS params as `lpips_jax.load("vgg_ensemble")` has them, with the seeded heads of the reference's goldens
+  (`lpips_jax.elpips.seeded_heads`) in place of the published ones, which this machine may not have."""
+  from lpips_jax import elpips
+  from lpips_jax.layout import scaling
+
+  heads = {f"lin{k}": {"kernel": h.reshape(1, 1, -1, 1)} for k, h in enumerate(elpips.seeded_heads())}
+  return jax.device_put({"vgg_ensemble": lpips_jax.load("vgg", device="numpy")["vgg"], **scaling("0.1"), **heads})
+
+
+@pytest.fixture(scope="session")
 def official():
   return import_official_lpips()
 

