@@ -18,6 +18,7 @@ from lpips_jax.checks import (
   check_batch,
   check_mesh,
   check_nonnegative_int,
+  check_not_ensemble,
   check_params,
   check_positive_int,
   params_variant,
@@ -81,6 +82,7 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
     (True, 0.0)
   """
   net = check_params(params).net
+  check_not_ensemble(net, "pairwise")
   x = _checked(x, "x", net, normalize)
   y = None if y is None else _checked(y, "y", net, normalize)
   return _matrix(params, x, y, normalize=normalize, batch_size=batch_size, dtype=dtype, precision=precision,
@@ -111,6 +113,7 @@ def diversity(params, samples, **options) -> np.ndarray:
     raise TypeError(f"diversity() got unexpected options {sorted(unknown)}; it passes normalize, batch_size, "
                     f"dtype, precision, mesh and cache_bytes to pairwise")
   net = check_params(params).net
+  check_not_ensemble(net, "diversity")
   samples = np.asarray(samples)
   if samples.ndim != 5 or samples.shape[1] < 2:
     raise InputError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"

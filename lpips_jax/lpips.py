@@ -60,15 +60,11 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, key: jax.Array | None = None
   gradients) for its pair without an error.
   """
   v = check_params(params)
-  options = dict(variant=v, per_layer=per_layer, normalize=normalize, dtype=dtype, precision=precision, remat=remat)
-  if NETS[v.net].ensemble:
-    options.update(key=checks.check_sampling(v.net, key, samples, spatial=spatial), samples=int(samples))
-  else:
-    checks.check_sampling(v.net, key, samples)
-    options.update(spatial=spatial)
+  options = dict(variant=v, per_layer=per_layer, normalize=normalize, dtype=dtype, precision=precision, remat=remat,
+                 **variant_options(v, key, samples, spatial))
   if not checks.values_known(a, b) or _traced(params, key):  # under a transformation: no fused value check
     check_images(a, b, v.net, normalize=normalize)  # values only if concrete
-    return _distance(params, a, b, **options)
+    return distance_of_checked(params, a, b, **options)
   # Concrete images: their value check is computed in the distance's own call and read back once, after it (an
   # error is raised before the result is returned); a separate reduction and read before it cost ~8% of an AlexNet
   # call at batch 8 on CPU (bench/eager.py).
@@ -137,12 +133,22 @@ def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, 
                   per_layer=per_layer, remat=remat)
 
 
+def variant_options(v: Variant, key, samples, spatial: bool) -> dict:
+  """The options of `distance_of_checked` that depend on the variant: E-LPIPS's key and samples (checked), or the
+  other nets' `spatial`."""
+  if NETS[v.net].ensemble:
+    return dict(key=checks.check_sampling(v.net, key, samples, spatial=spatial), samples=int(samples))
+  checks.check_sampling(v.net, key, samples)
+  return dict(spatial=spatial)
+
+
 def _traced(*trees) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
-def _distance(params, a, b, *, key=None, **options):
-  """`pipeline`, or E-LPIPS's (`elpips.pipeline`) for its params (`options` has its `samples`)."""
+def distance_of_checked(params, a, b, *, key=None, **options):
+  """`distance` of checked params and images: `pipeline`, or E-LPIPS's (`elpips.pipeline`) for its params
+  (`options`: `variant_options` and the rest)."""
   if NETS[options["variant"].net].ensemble:
     return elpips.pipeline(params, a, b, key, **options)
   return pipeline(params, a, b, **options)
@@ -151,8 +157,8 @@ def _distance(params, a, b, *, key=None, **options):
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
                                              "remat", "samples"))
 def _pipeline_checking(params, a, b, **options):
-  """`_distance` and the `value_stats` of both images, in one computation."""
-  return _distance(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
+  """`distance_of_checked` and the `value_stats` of both images, in one computation."""
+  return distance_of_checked(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat, dropout=None, *,

@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from lpips_jax.checks import check_images, check_mask, check_params
 from lpips_jax.errors import InputError
-from lpips_jax.lpips import pipeline
+from lpips_jax.lpips import distance_of_checked, variant_options
 
 
 @flax.struct.dataclass
@@ -65,7 +65,8 @@ class LPIPSMetric:
 
   @classmethod
   def from_model_output(cls, predictions: ArrayLike, targets: ArrayLike, *, params, mask: ArrayLike | None = None,
-                        normalize: bool = False, dtype=None, precision=None, **_) -> LPIPSMetric:
+                        normalize: bool = False, dtype=None, precision=None, key=None, samples: int = 1,
+                        **_) -> LPIPSMetric:
     """The accumulator of one batch: `lpips_jax.distance(params, predictions, targets, ...)` summed over its pairs.
 
     Args:
@@ -73,6 +74,7 @@ class LPIPSMetric:
       params: from `lpips_jax.load`; pass them as an argument of the jitted step.
       mask: [N] bool or 0/1; pairs where it is False/0 (padding) are left out exactly. None counts every pair.
       normalize, dtype, precision: as in `lpips_jax.distance`.
+      key, samples: E-LPIPS's (`lpips_jax.distance`): required for its params, a new key for each batch.
       **_: other model outputs, ignored: a `clu.metrics.Collection` passes every output to every metric.
 
     The params and images are checked as by `lpips_jax.distance`; values only where concrete, and only in the pairs
@@ -82,8 +84,8 @@ class LPIPSMetric:
     v = check_params(params)
     check_mask(mask, jnp.shape(predictions)[0] if jnp.ndim(predictions) else None)
     check_images(*_counted(mask, predictions, targets), v.net, normalize=normalize, names=("predictions", "targets"))
-    d = pipeline(params, predictions, targets, variant=v, spatial=False, per_layer=False, normalize=normalize,
-                  dtype=dtype, precision=precision)
+    d = distance_of_checked(params, predictions, targets, variant=v, per_layer=False, normalize=normalize,
+                            dtype=dtype, precision=precision, **variant_options(v, key, samples, False))
     return cls.from_distances(d, mask)
 
   def merge(self, other: LPIPSMetric) -> LPIPSMetric:
@@ -152,10 +154,10 @@ class NNXLPIPSMetric(nnx.metrics.Metric):
     self._set(LPIPSMetric.empty())
 
   def update(self, *, predictions: ArrayLike, targets: ArrayLike, params, mask: ArrayLike | None = None,
-             **_) -> None:
+             key=None, samples: int = 1, **_) -> None:
     """Add a batch, as `LPIPSMetric.from_model_output` (other keyword arguments are ignored, for `nnx.MultiMetric`)."""
     batch = LPIPSMetric.from_model_output(predictions, targets, params=params, mask=mask, normalize=self.normalize,
-                                    dtype=self.dtype, precision=self.precision)
+                                          dtype=self.dtype, precision=self.precision, key=key, samples=samples)
     self._set(self.state().merge(batch))
 
   def compute(self) -> jax.Array:

@@ -13,6 +13,9 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
+from lpips_jax.backbones import NETS, net_name
+from lpips_jax.checks import check_params
+from lpips_jax.errors import InputError
 from lpips_jax.lpips import distance
 from lpips_jax.weights import load
 
@@ -47,12 +50,19 @@ class LPIPS(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
-    """Same arguments and result as `lpips_jax.distance`."""
+  def __call__(self, a, b, *, key=None, samples: int = 1, spatial: bool = False, per_layer: bool = False,
+               normalize: bool = False):
+    """Same arguments and result as `lpips_jax.distance`. E-LPIPS's key, unless given, is drawn from the "elpips"
+    rng stream: `model.apply(variables, ..., rngs={"elpips": key})`."""
     weights = self.variable("params" if self.trainable else "lpips", "weights", _pretrained, self.net, self.version,
                             self.lpips)
-    return distance(weights.value, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=self.dtype,
-                    precision=self.precision, remat=self.remat)
+    if key is None and NETS[net_name(self.net)].ensemble:
+      if not self.has_rng("elpips"):
+        raise InputError("E-LPIPS draws random transformations: apply the model with rngs={'elpips': key} (a new "
+                         "key per step), or pass key= to this module")
+      key = self.make_rng("elpips")
+    return distance(weights.value, a, b, key=key, samples=samples, spatial=spatial, per_layer=per_layer,
+                    normalize=normalize, dtype=self.dtype, precision=self.precision, remat=self.remat)
 
 
 class LPIPSWeights(nnx.Variable):
@@ -72,13 +82,21 @@ class NNXLPIPS(nnx.Module):
   """
 
   def __init__(self, net: str = "alex", version: str = "0.1", *, lpips: bool = True, trainable: bool = False,
-               dtype=None, precision=None, remat: bool = False):
+               dtype=None, precision=None, remat: bool = False, rngs: nnx.Rngs | None = None):
     self.dtype, self.precision, self.remat = dtype, precision, remat
     kind = nnx.Param if trainable else LPIPSWeights
     self.weights = nnx.data(jax.tree.map(kind, _pretrained(net, version, lpips)))
+    self.rngs = rngs  # E-LPIPS: each call without a key draws one from rngs.elpips()
 
-  def __call__(self, a, b, *, spatial: bool = False, per_layer: bool = False, normalize: bool = False):
-    """Same arguments and result as `lpips_jax.distance`."""
+  def __call__(self, a, b, *, key=None, samples: int = 1, spatial: bool = False, per_layer: bool = False,
+               normalize: bool = False):
+    """Same arguments and result as `lpips_jax.distance`. E-LPIPS's key, unless given, is the module's next
+    `rngs.elpips()` key: `NNXLPIPS("vgg_ensemble", rngs=nnx.Rngs(elpips=0))`."""
     params = jax.tree.map(lambda v: v.get_value(), self.weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return distance(params, a, b, spatial=spatial, per_layer=per_layer, normalize=normalize, dtype=self.dtype,
-                    precision=self.precision, remat=self.remat)
+    if key is None and NETS[check_params(params).net].ensemble:
+      if self.rngs is None or not hasattr(self.rngs, "elpips"):
+        raise InputError("E-LPIPS draws random transformations: build the module with rngs=nnx.Rngs(elpips=seed), "
+                         "or pass key= to each call")
+      key = self.rngs.elpips()
+    return distance(params, a, b, key=key, samples=samples, spatial=spatial, per_layer=per_layer,
+                    normalize=normalize, dtype=self.dtype, precision=self.precision, remat=self.remat)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.checks import check_images, check_mesh, check_params, check_positive_int
+from lpips_jax.checks import check_images, check_mesh, check_not_ensemble, check_params, check_positive_int
 from lpips_jax.errors import InputError
 from lpips_jax.lpips import pipeline
 
@@ -59,6 +59,7 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
     >>> d = lpips_jax.score_pairs(lpips_jax.load("alex"), a, b, batch_size=128)   # a, b: [N, 64, 64, 3]
   """
   v = check_params(params)
+  check_not_ensemble(v.net, "score_pairs")
   batch_size = check_positive_int(batch_size, "batch_size (pairs per step)")
   check_mesh(mesh)
   if b is not None:

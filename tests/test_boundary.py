@@ -189,8 +189,8 @@ BAD = [
     ("module-unknown-net", lambda: lpips_jax.NNXLPIPS("resnet"), "unknown net 'resnet'; choose one of"),
     # weights
     ("load-a-list", lambda: lpips_jax.load(["alex"]), r"net must be a net name \('alex', 'vgg', 'squeeze', "
-     r"'alex_st', 'vgg_st', 'vgg_ensemble'\) or the path of a .safetensors weights file; got a list \(\['alex'\]\): load one net at "
-     r"a time"),
+     r"'alex_st', 'vgg_st', 'vgg_ensemble'\) or the path of a .safetensors weights file; got a list \(\['alex'\]\): "
+     r"load one net at a time"),
     ("load-version-list", lambda: lpips_jax.load("alex", ["0.1"]), r"unknown version \['0.1'\]; choose the string"),
 ]
 

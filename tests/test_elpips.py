@@ -160,3 +160,71 @@ def test_the_same_key_gives_the_same_value_and_another_key_another(elpips_params
   one = [elpips.one_sample(VARIANT, elpips_params, image, ref, elpips.sample_key(jax.random.key(5), i),
                            per_layer=False, dtype=None, precision=None, remat=False) for i in range(3)]
   np.testing.assert_allclose(d(5, samples=3), np.mean(one, axis=0), rtol=1e-6)
+
+
+# E-LPIPS through the other entry points: the params decide the variant; the key comes as each entry point says.
+RNG = np.random.default_rng(0)
+A = RNG.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+B = np.clip(A + RNG.normal(0, 0.3, A.shape), -1, 1).astype(np.float32)
+
+
+def test_features_of_one_key_give_that_samples_distance(elpips_params):
+  key = jax.random.key(8)
+  f0, f1 = (lpips_jax.features(elpips_params, x, key=key) for x in (A, B))
+  assert len(f0) == 14 and f0[1].shape[-1] == 64
+  np.testing.assert_allclose(lpips_jax.distance_from_features(elpips_params, f0, f1),
+                             lpips_jax.distance(elpips_params, A, B, key=key), rtol=1e-5)
+  with pytest.raises(ValueError, match="E-LPIPS features need a concrete key"):
+    jax.jit(lambda k: lpips_jax.features(elpips_params, A, key=k))(key)
+
+
+def test_the_metrics_and_modules_take_the_key_as_they_say(elpips_params, monkeypatch):
+  from flax import nnx
+
+  from lpips_jax import metrics, modules
+
+  key = jax.random.key(9)
+  d = np.asarray(lpips_jax.distance(elpips_params, A, B, key=key))
+  np.testing.assert_allclose(metrics.LPIPSMetric.from_model_output(A, B, params=elpips_params, key=key).compute(),
+                             d.mean(), rtol=1e-6)
+  metric = metrics.NNXLPIPSMetric()
+  metric.update(predictions=A, targets=B, params=elpips_params, key=key)
+  np.testing.assert_allclose(metric.compute(), d.mean(), rtol=1e-6)
+
+  monkeypatch.setattr(modules, "_pretrained", lambda net, version, lpips: elpips_params)  # the heads file is local
+  linen = modules.LPIPS("vgg_ensemble")
+  variables = linen.init({"params": key, "elpips": key}, A, B)
+  one = linen.apply(variables, A, B, rngs={"elpips": key})
+  np.testing.assert_array_equal(one, linen.apply(variables, A, B, rngs={"elpips": key}))
+  np.testing.assert_allclose(linen.apply(variables, A, B, key=key), d, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"apply the model with rngs=\{'elpips': key\}"):
+    linen.apply(variables, A, B)
+  model = modules.NNXLPIPS("elpips", rngs=nnx.Rngs(elpips=0))
+  first, second = model(A, B), model(A, B)  # each call draws the next key
+  assert np.all(np.isfinite(first)) and not np.array_equal(first, second)
+  np.testing.assert_allclose(model(A, B, key=key), d, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"build the module with rngs=nnx.Rngs\(elpips=seed\)"):
+    modules.NNXLPIPS("vgg_ensemble")(A, B)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: lpips_jax.distance(p, A, B), r"E-LPIPS averages the distance over random transformations of both "
+     r"images: pass key=jax.random.key\(seed\)"),
+    (lambda p: lpips_jax.distance(p, A, B, key=0), r"key must be one jax.random key .* got int"),
+    (lambda p: lpips_jax.distance(p, A, B, key=jax.random.key(0), samples=0), "samples must be a positive integer"),
+    (lambda p: lpips_jax.distance(p, A, B, key=jax.random.key(0), spatial=True), "E-LPIPS has no spatial map"),
+    (lambda p: lpips_jax.distance(p, A[:, :57], B[:, :57], key=jax.random.key(0)),
+     r"images of 57x64 are too small for net 'vgg_ensemble': it needs at least 58x58 \(E-LPIPS downscales by up to "
+     r"8, after which its network needs 16 pixels"),
+    (lambda p: lpips_jax.distance(lpips_jax.load("alex"), A, B, key=jax.random.key(0)),
+     r"key and samples are E-LPIPS's .* net 'alex' is deterministic: leave them out"),
+    (lambda p: lpips_jax.distance({k: v for k, v in p.items() if k != "scaling"}, A, B, key=jax.random.key(0)),
+     r"params for net 'vgg_ensemble' \(E-LPIPS\) need the input scaling and all 14 heads; missing \['scaling'\]"),
+    (lambda p: lpips_jax.score_pairs(p, A, B), r"score_pairs does not serve E-LPIPS \('vgg_ensemble'\) yet"),
+    (lambda p: lpips_jax.pairwise(p, A), r"pairwise does not serve E-LPIPS"),
+    (lambda p: lpips_jax.diversity(p, A[None]), r"diversity does not serve E-LPIPS"),
+], ids=["no-key", "int-key", "no-samples", "spatial", "too-small", "key-for-lpips", "no-scaling", "score_pairs",
+        "pairwise", "diversity"])
+def test_bad_elpips_calls_say_what_to_do(elpips_params, call, message):
+  with pytest.raises(ValueError, match=message):
+    call(elpips_params)

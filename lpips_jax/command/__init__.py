@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from lpips_jax import runner, stats
-from lpips_jax.checks import check_positive_int, check_structure
+from lpips_jax.backbones import ALIASES, NETS, net_name
+from lpips_jax.checks import check_not_ensemble, check_positive_int, check_structure
 from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, csv_rows, formatted_rows, one_writer, write_stdout
 from lpips_jax.command.pairs import all_pair_distances, pairs_of, progress_bar, ref_distances, stream_pair_distances
 from lpips_jax.errors import InputError
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
   """The distances job: check everything the arguments say (files, outputs, extras), then load and compute."""
+  check_not_ensemble(net_name(args.net) if args.net in NETS or args.net in ALIASES else "alex", "the lpips-jax command")
   for flag, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
     if value is not None:
       check_positive_int(value, flag)
