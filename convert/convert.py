@@ -384,7 +384,7 @@ def heads_from_elpips(path: str | Path) -> dict:
   version = np.lib.format.read_magic(stream)
   header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
   shape, _, dtype = header(stream)
-  if dtype != np.dtype(object) or shape != ():  # unreachable for the checked file; guards a future change of the checksum
+  if dtype != np.dtype(object) or shape != ():  # unreachable for the checked file; guards a changed checksum
     raise ConversionError(f"{path}: expected one pickled dict, found an array of {dtype} {shape}")
   state = read_numpy_pickle(data[stream.tell():]).item()
   state = _numpy(state)
