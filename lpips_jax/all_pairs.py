@@ -14,17 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lpips_jax import elpips
 from lpips_jax.checks import (
   check_batch,
   check_mesh,
   check_nonnegative_int,
-  check_not_ensemble,
   check_params,
   check_positive_int,
+  check_sampling,
   params_variant,
 )
 from lpips_jax.errors import InputError
-from lpips_jax.lpips import distance_from_features, features
+from lpips_jax.lpips import distance_from_features, features, unit_normalize
 from lpips_jax.scoring import local_mesh, padded_batch_size
 
 # Entries with d < RECOMPUTE * (S_i + S_j) are recomputed in the difference form (S: an image's self term, its
@@ -34,14 +35,19 @@ from lpips_jax.scoring import local_mesh, padded_batch_size
 RECOMPUTE = 1e-2
 
 
-def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 256, dtype=None, precision=None,
-             mesh: jax.sharding.Mesh | None = None, cache_bytes: int = 2**31) -> np.ndarray:
+def pairwise(params, x, y=None, *, key: jax.Array | None = None, samples: int = 1, normalize: bool = False,
+             batch_size: int = 256, dtype=None, precision=None, mesh: jax.sharding.Mesh | None = None,
+             cache_bytes: int = 2**31) -> np.ndarray:
   """LPIPS distances between every image of `x` and every image of `y` (of `x` and itself when `y` is None).
 
   Args:
     params: from `lpips_jax.load(net, version, lpips=...)`.
     x: images [N, H, W, 3] in [-1, 1] (or [0, 1] with `normalize`), at least the net's minimum size.
     y: images [M, H', W', 3] with the same H, W as `x`, or None for the symmetric N x N matrix.
+    key, samples: E-LPIPS's, required for its params (a concrete key): the matrix is the mean of `samples`
+      matrices, sample k's drawn from `jax.random.fold_in(key, k)` for one pair and applied to every image (the
+      same transformation and dropout masks), so each entry is an E-LPIPS estimate of its pair over `samples`
+      samples. Each sample computes every image's features again.
     batch_size: images per feature batch and per tile side; the row tile is rounded up to a multiple of the mesh
       size (padded, the padding dropped).
     dtype, precision: the trunk's compute dtype and convolution precision, as in `lpips_jax.distance`; the products
@@ -82,11 +88,11 @@ def pairwise(params, x, y=None, *, normalize: bool = False, batch_size: int = 25
     (True, 0.0)
   """
   net = check_params(params).net
-  check_not_ensemble(net, "pairwise")
+  key = check_sampling(net, key, samples, concrete=True)
   x = _checked(x, "x", net, normalize)
   y = None if y is None else _checked(y, "y", net, normalize)
-  return _matrix(params, x, y, normalize=normalize, batch_size=batch_size, dtype=dtype, precision=precision,
-                 mesh=mesh, cache_bytes=cache_bytes)
+  return _matrix(params, x, y, key=key, samples=samples, normalize=normalize, batch_size=batch_size, dtype=dtype,
+                 precision=precision, mesh=mesh, cache_bytes=cache_bytes)
 
 
 def diversity(params, samples, **options) -> np.ndarray:
@@ -95,7 +101,8 @@ def diversity(params, samples, **options) -> np.ndarray:
   Args:
     params: from `lpips_jax.load`.
     samples: [G, K, H, W, 3], K >= 2 samples for each of G inputs, in [-1, 1] (or [0, 1] with `normalize=True`).
-    **options: passed to `pairwise` (normalize, batch_size, dtype, precision, mesh, cache_bytes).
+    **options: passed to `pairwise` (normalize, batch_size, dtype, precision, mesh, cache_bytes; for E-LPIPS key
+      and samples: group g's samples are drawn from `jax.random.fold_in(key, g)`).
 
   Returns:
     float32 numpy [G] ([0] for G = 0): for each group, the mean of `distance` over its K (K - 1) / 2 pairs. One
@@ -108,25 +115,40 @@ def diversity(params, samples, **options) -> np.ndarray:
     >>> diversity(params, samples).shape          # 4 inputs, 10 samples each -> 45 pairs averaged per input
     (4,)
   """
-  unknown = set(options) - {"normalize", "batch_size", "dtype", "precision", "mesh", "cache_bytes"}
+  unknown = set(options) - {"normalize", "batch_size", "dtype", "precision", "mesh", "cache_bytes", "key", "samples"}
   if unknown:
     raise TypeError(f"diversity() got unexpected options {sorted(unknown)}; it passes normalize, batch_size, "
-                    f"dtype, precision, mesh and cache_bytes to pairwise")
+                    f"dtype, precision, mesh, cache_bytes, key and samples to pairwise")
   net = check_params(params).net
-  check_not_ensemble(net, "diversity")
+  key = check_sampling(net, options.pop("key", None), options.get("samples", 1), concrete=True)
   samples = np.asarray(samples)
   if samples.ndim != 5 or samples.shape[1] < 2:
     raise InputError(f"samples has shape {samples.shape}; expected [G, K, H, W, 3] with K >= 2 samples per group"
                      f"{' (one group? add an axis: samples[None])' if samples.ndim == 4 else ''}")
   _checked(samples.reshape(-1, *samples.shape[2:]), "samples", net, options.get("normalize", False))
   upper = np.triu_indices(samples.shape[1], 1)
-  return np.array([_matrix(params, group, None, **options)[upper].mean(dtype=np.float64) for group in samples],
-                  np.float32).reshape(len(samples))
+  keys = [None if key is None else jax.random.fold_in(key, g) for g in range(len(samples))]
+  return np.array([_matrix(params, group, None, key=k, **options)[upper].mean(dtype=np.float64)
+                   for k, group in zip(keys, samples)], np.float32).reshape(len(samples))
 
 
-def _matrix(params, x: np.ndarray, y: np.ndarray | None, *, normalize: bool = False, batch_size: int = 256,
-            dtype=None, precision=None, mesh: jax.sharding.Mesh | None = None, cache_bytes: int = 2**31) -> np.ndarray:
-  """`pairwise` on checked params and images."""
+def _matrix(params, x: np.ndarray, y: np.ndarray | None, *, key=None, samples: int = 1, **options) -> np.ndarray:
+  """`pairwise` on checked params and images: E-LPIPS's mean over samples, or LPIPS's one matrix."""
+  if key is None:
+    return _one_matrix(params, x, y, **options)
+  total = 0
+  for k in range(samples):  # on the host: each sample's scale level decides its features' shapes
+    t, dropout = elpips.drawn(elpips.sample_key(key, k), 1)
+    total = total + _one_matrix(params, x, y, sample=(t._replace(scale=None), dropout), scale=int(t.scale),
+                                **options).astype(np.float64)
+  return (total / samples).astype(np.float32)
+
+
+def _one_matrix(params, x: np.ndarray, y: np.ndarray | None, *, sample=None, scale: int | None = None,
+                normalize: bool = False, batch_size: int = 256, dtype=None, precision=None,
+                mesh: jax.sharding.Mesh | None = None, cache_bytes: int = 2**31) -> np.ndarray:
+  """One matrix: LPIPS's, or E-LPIPS's under one `sample` (its transformation without the scale level, which is
+  `scale`, and its dropout key)."""
   symmetric = y is None
   y = x if symmetric else y
   if x.shape[1:3] != y.shape[1:3]:
@@ -142,16 +164,16 @@ def _matrix(params, x: np.ndarray, y: np.ndarray | None, *, normalize: bool = Fa
     return out
   rows = padded_batch_size(min(batch_size, n), mesh)
   cols = rows if symmetric else padded_batch_size(min(batch_size, m), mesh)
-  run = _functions(mesh, normalize, dtype, precision)
+  run = _functions(mesh, normalize, dtype, precision, scale)
   params = jax.device_put(params, run.replicated)
   fill = 0.5 if normalize else 0.0  # padding images: valid inputs, their rows and columns are dropped
 
   def compute(images, start, size):  # features and self terms of images[start:start + size], padded to `size`
     batch = images[start:start + size]
     batch = np.concatenate([batch, np.full((size - len(batch), *batch.shape[1:]), fill, batch.dtype)])
-    return run.features(params, jax.device_put(batch, run.data))
+    return run.features(params, jax.device_put(batch, run.data), sample)
 
-  per_image = jax.eval_shape(run.trunk, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+  per_image = jax.eval_shape(run.trunk, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), sample)
   cache = None
   if sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(per_image)) * m <= cache_bytes:
     cache = jax.tree.map(lambda a: np.empty((m, *a.shape[1:]), a.dtype), per_image)
@@ -209,25 +231,31 @@ def _tile(run: _Functions, params, row, col, n: int, m: int, *, diagonal: bool) 
 class _Functions:
   """The jitted pieces of `pairwise` for one mesh and one set of trunk options (built once, by `_functions`)."""
 
-  def __init__(self, mesh, normalize, dtype, precision):
+  def __init__(self, mesh, normalize, dtype, precision, scale):
     self.data, self.replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     data, replicated = self.data, self.replicated
-    trunk = functools.partial(_features, normalize=normalize, dtype=dtype, precision=precision)
+    trunk = functools.partial(_features, normalize=normalize, dtype=dtype, precision=precision, scale=scale)
     self.trunk = trunk
-    self.features = jax.jit(trunk, in_shardings=(replicated, data), out_shardings=data)
+    self.features = jax.jit(trunk, in_shardings=(replicated, data, replicated), out_shardings=data)
     self.block = jax.jit(_block, in_shardings=(replicated, data, data, replicated, replicated), out_shardings=data)
     self.exact = jax.jit(_exact, in_shardings=(replicated, data, replicated, replicated, replicated),
                          out_shardings=replicated)
 
 
 @functools.cache
-def _functions(mesh, normalize, dtype, precision) -> _Functions:
-  return _Functions(mesh, normalize, dtype, precision)
+def _functions(mesh, normalize, dtype, precision, scale) -> _Functions:
+  return _Functions(mesh, normalize, dtype, precision, scale)
 
 
-def _features(params, x, **options):
-  """(features, self terms [B, L]): the self term of layer l is s_l = mean_hw sum_c w_c f^2, the distance to 0."""
-  f = features(params, x, **options)
+def _features(params, x, sample, *, scale, **options):
+  """(features, self terms [B, L]): the self term of layer l is s_l = mean_hw sum_c w_c f^2, the distance to 0.
+  E-LPIPS's features are those under `sample`, shared by every image (`_one_matrix`)."""
+  if sample is None:
+    f = features(params, x, **options)
+  else:
+    t, dropout = sample
+    taps = elpips.taps_under(params_variant(params), params, x, t, scale, dropout, shared=True, **options)
+    f = tuple(map(unit_normalize, taps))
   _, selfs = distance_from_features(params, f, tuple(map(jnp.zeros_like, f)), per_layer=True)
   return f, jnp.stack(selfs, axis=1)
 

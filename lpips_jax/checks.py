@@ -247,8 +247,9 @@ def check_sampling(net: str, key, samples, *, spatial: bool = False, concrete: b
     raise InputError(f"key must be one jax.random key (jax.random.key(seed), or jax.random.PRNGKey(seed)); got "
                      f"{type(key).__name__} of dtype {dtype} and shape {jnp.shape(key)}")
   if concrete and isinstance(key, jax.core.Tracer):
-    raise InputError("E-LPIPS features need a concrete key (not traced under jit): the sampled downscaling decides "
-                     "the features' shapes. Call features outside jit, or use distance, which takes a traced key")
+    raise InputError("E-LPIPS features (features, pairwise, diversity) need a concrete key, not one traced under "
+                     "jit: the sampled downscaling decides the features' shapes. Call them outside jit, or use "
+                     "distance, which takes a traced key")
   check_positive_int(samples, "samples")
   if spatial:
     raise InputError(NOT_SPATIAL)

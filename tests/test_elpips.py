@@ -174,7 +174,7 @@ def test_features_of_one_key_give_that_samples_distance(elpips_params):
   assert len(f0) == 14 and f0[1].shape[-1] == 64
   np.testing.assert_allclose(lpips_jax.distance_from_features(elpips_params, f0, f1),
                              lpips_jax.distance(elpips_params, A, B, key=key), rtol=1e-5)
-  with pytest.raises(ValueError, match="E-LPIPS features need a concrete key"):
+  with pytest.raises(ValueError, match=r"E-LPIPS features \(features, pairwise, diversity\) need a concrete key"):
     jax.jit(lambda k: lpips_jax.features(elpips_params, A, key=k))(key)
 
 
@@ -220,11 +220,78 @@ def test_the_metrics_and_modules_take_the_key_as_they_say(elpips_params, monkeyp
      r"key and samples are E-LPIPS's .* net 'alex' is deterministic: leave them out"),
     (lambda p: lpips_jax.distance({k: v for k, v in p.items() if k != "scaling"}, A, B, key=jax.random.key(0)),
      r"params for net 'vgg_ensemble' \(E-LPIPS\) need the input scaling and all 14 heads; missing \['scaling'\]"),
-    (lambda p: lpips_jax.score_pairs(p, A, B), r"score_pairs does not serve E-LPIPS \('vgg_ensemble'\) yet"),
-    (lambda p: lpips_jax.pairwise(p, A), r"pairwise does not serve E-LPIPS"),
-    (lambda p: lpips_jax.diversity(p, A[None]), r"diversity does not serve E-LPIPS"),
-], ids=["no-key", "int-key", "no-samples", "spatial", "too-small", "key-for-lpips", "no-scaling", "score_pairs",
-        "pairwise", "diversity"])
+    (lambda p: lpips_jax.score_pairs(p, A, B), r"pass key=jax.random.key\(seed\)"),
+    (lambda p: lpips_jax.pairwise(p, A), r"pass key=jax.random.key\(seed\)"),
+    (lambda p: jax.jit(lambda k: lpips_jax.pairwise(p, A, key=k))(jax.random.key(0)),
+     r"E-LPIPS features \(features, pairwise, diversity\) need a concrete key"),
+], ids=["no-key", "int-key", "no-samples", "spatial", "too-small", "key-for-lpips", "no-scaling", "score_pairs-no-key",
+        "pairwise-no-key", "pairwise-traced-key"])
 def test_bad_elpips_calls_say_what_to_do(elpips_params, call, message):
   with pytest.raises(ValueError, match=message):
     call(elpips_params)
+
+
+def test_score_pairs_gives_each_step_the_samples_of_its_first_pairs_index(elpips_params):
+  """8 fake devices: 12 pairs in steps of 8 (the second padded), each as `distance` of its pairs with the key folded
+  with its first pair's index (the padded step over its 8 rows)."""
+  rng = np.random.default_rng(1)
+  a = rng.uniform(-1, 1, (12, 64, 64, 3)).astype(np.float32)
+  b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+  key = jax.random.key(12)
+  d = lpips_jax.score_pairs(elpips_params, a, b, key=key, batch_size=8)
+  padded = [np.concatenate([x[8:], np.zeros((4, 64, 64, 3), np.float32)]) for x in (a, b)]
+  expected = [lpips_jax.distance(elpips_params, a[:8], b[:8], key=jax.random.fold_in(key, 0)),
+              lpips_jax.distance(elpips_params, *padded, key=jax.random.fold_in(key, 8))[:4]]
+  np.testing.assert_allclose(d, np.concatenate(expected), rtol=1e-5)
+
+
+def test_pairwise_averages_matrices_of_one_shared_sample_each(elpips_params):
+  x = np.concatenate([A, B[:1]])
+  key = jax.random.key(13)
+  m = lpips_jax.pairwise(elpips_params, x, key=key, samples=2)
+  assert np.array_equal(m, m.T) and not np.diag(m).any()
+
+  def sample_matrix(k):  # every image under sample k's one transformation and masks, each pair compared directly
+    t, dropout = elpips.drawn(elpips.sample_key(key, k), 1)
+    taps = elpips.taps_under(VARIANT, elpips_params, x, t, int(t.scale), dropout, normalize=False, shared=True)
+    f = [lpips_jax.lpips.unit_normalize(tap) for tap in taps]
+    i, j = np.triu_indices(len(x), 1)
+    return i, j, np.asarray(lpips_jax.distance_from_features(elpips_params, tuple(t[i] for t in f),
+                                                             tuple(t[j] for t in f)))
+
+  i, j, d0 = sample_matrix(0)
+  np.testing.assert_allclose(m[i, j], (d0 + sample_matrix(1)[2]) / 2, rtol=1e-5)
+  group = lpips_jax.diversity(elpips_params, x[None], key=jax.random.key(4))
+  np.testing.assert_allclose(group, lpips_jax.pairwise(elpips_params, x, key=jax.random.fold_in(jax.random.key(4), 0))
+                             [i, j].mean(), rtol=1e-5)
+
+
+def test_the_command_takes_samples_and_a_seed_and_names_them(elpips_params, tmp_path, monkeypatch, capsys):
+  """The command in this process, with the seeded heads installed as if converted (their checksum in the manifest
+  in place of the published file's)."""
+  from PIL import Image
+
+  from lpips_jax import weights
+  from lpips_jax.command import main
+
+  heads = {k: v for k, v in elpips_params.items() if k.startswith("lin")}
+  name = weights.heads_file("vgg_ensemble", "0.1")
+  (tmp_path / "vgg.safetensors").symlink_to(weights.user_dir() / "vgg.safetensors")
+  monkeypatch.setitem(weights.manifest()[name], "sha256", weights.save(tmp_path / name, heads))
+  monkeypatch.setenv("LPIPS_JAX_WEIGHTS", str(tmp_path))
+  folders = []
+  for side, images in (("a", A), ("b", B)):
+    folders.append(tmp_path / side)
+    folders[-1].mkdir()
+    for k, x in enumerate(images):
+      Image.fromarray(np.round((x + 1) * 127.5).astype(np.uint8)).save(folders[-1] / f"{k}.png")
+  outputs = []
+  for run in range(2):
+    out = tmp_path / f"d{run}.csv"
+    assert main(["--net", "elpips", "--samples", "3", "--seed", "5", *map(str, folders), "-o", str(out)]) == 0
+    outputs.append(out.read_text())
+    summary = capsys.readouterr().err.splitlines()[-1]
+    assert summary.startswith("lpips-jax: vgg_ensemble v0.1 (3 samples, seed 5): 2 pairs, mean "), summary
+  assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 3
+  assert main(["--net", "alex", "--samples", "3", *map(str, folders)]) == 1
+  assert "--samples and --seed are E-LPIPS's (--net vgg_ensemble)" in capsys.readouterr().err

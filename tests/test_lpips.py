@@ -14,9 +14,10 @@ from lpips_jax.lpips import EPS, features, unit_normalize
 
 OFFICIAL = ("alex", "vgg", "squeeze")  # the official package's nets (the ST-LPIPS ones have their own reference)
 # Every net in both versions and modes; the ST-LPIPS nets in version 0.1, the one their heads were trained for
-# (their version 0.0 is tested against their reference in tests/test_parity.py).
+# (their version 0.0 is tested against their reference in tests/test_parity.py). E-LPIPS, random and of one form,
+# has its own tests (tests/test_elpips.py).
 VARIANTS = [(net, version, lpips) for net in NETS for version in ("0.0", "0.1") for lpips in (True, False)
-            if NETS[net].heads is None or version == "0.1"]
+            if (NETS[net].heads is None or version == "0.1") and not NETS[net].ensemble]
 ids = lambda v: f"{v[0]}-v{v[1]}-{'lin' if v[2] else 'baseline'}"
 
 

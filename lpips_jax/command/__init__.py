@@ -30,13 +30,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from lpips_jax import runner, stats
 from lpips_jax.backbones import ALIASES, NETS, net_name
-from lpips_jax.checks import check_not_ensemble, check_positive_int, check_structure
+from lpips_jax.checks import NOT_SPATIAL, check_positive_int, check_structure
 from lpips_jax.command.csvfile import CHUNK_ROWS, HEADER, csv_bytes, csv_rows, formatted_rows, one_writer, write_stdout
 from lpips_jax.command.pairs import all_pair_distances, pairs_of, progress_bar, ref_distances, stream_pair_distances
 from lpips_jax.errors import InputError
@@ -78,8 +79,12 @@ def parser() -> argparse.ArgumentParser:
   p = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=epilog)
   p.add_argument("paths", nargs="+", type=Path, help="REF IMG [IMG ...], or DIR0 DIR1, or DIR")
-  p.add_argument("--net", default="alex", help="alex (default), vgg, squeeze, or the shift-tolerant ST-LPIPS "
-                                              "alex_st, vgg_st")
+  p.add_argument("--net", default="alex", help="alex (default), vgg, squeeze, the shift-tolerant ST-LPIPS "
+                                              "alex_st, vgg_st, or E-LPIPS vgg_ensemble")
+  p.add_argument("--samples", type=int, default=None, help="E-LPIPS: random transformations averaged per pair "
+                                                           "(default 100)")
+  p.add_argument("--seed", type=int, default=None, help="E-LPIPS: the seed of its random transformations (default "
+                                                        "0); the same seed gives the same values")
   p.add_argument("--version", default="0.1", choices=list(VERSIONS))
   p.add_argument("-o", "--out", type=Path, help="write the CSV here (atomically) instead of to stdout")
   p.add_argument("--resume", action="store_true", help="continue a killed or interrupted -o run: keep the complete "
@@ -102,7 +107,14 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
   """The distances job: check everything the arguments say (files, outputs, extras), then load and compute."""
-  check_not_ensemble(net_name(args.net) if args.net in NETS or args.net in ALIASES else "alex", "the lpips-jax command")
+  ensemble = NETS[net_name(args.net)].ensemble if args.net in NETS or args.net in ALIASES else False
+  if not ensemble and (args.samples is not None or args.seed is not None):
+    raise InputError(f"--samples and --seed are E-LPIPS's (--net vgg_ensemble); net {args.net!r} is deterministic")
+  if ensemble:
+    args.samples = check_positive_int(100 if args.samples is None else args.samples, "--samples")
+    args.seed = 0 if args.seed is None else args.seed
+    if args.spatial:
+      raise InputError(NOT_SPATIAL)
   for flag, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
     if value is not None:
       check_positive_int(value, flag)
@@ -129,6 +141,8 @@ def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str)
   params = load(args.net, args.version)
   options = dict(resize=args.resize, batch_size=args.batch_size, batch_pixels=BATCH_PIXELS[check_structure(params).net],
                  dtype=DTYPES[args.dtype])
+  if args.samples is not None:  # E-LPIPS
+    options.update(key=jax.random.key(args.seed), samples=args.samples)
   if mode == "ref":
     d = ref_distances(params, pairs[0][0], [b for _, b in pairs], **options)
     text = csv_bytes([HEADER, *formatted_rows(pairs, d)])
@@ -145,11 +159,13 @@ def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str)
   # What a resumed CSV must have been computed with: the rows of one run never mix two metrics.
   settings = {"net": check_structure(params).net, "version": args.version, "lpips": True, "dtype": args.dtype,
               "resize": args.resize, "mode": mode, "inputs": [os.fsdecode(p.resolve()) for p in args.paths]}
+  if args.samples is not None:
+    settings.update(samples=args.samples, seed=args.seed, batch_size=args.batch_size)
   with csv_rows(args.out, pairs, resume=args.resume, settings=settings) as (done, write):
     values = list(done)
     with progress_bar(len(pairs), True, initial=len(done)) as bar, contextlib.closing(
         all_pair_distances(params, pairs, len(done), **options) if mode == "all" else
-        stream_pair_distances(params, pairs[len(done):], **options)) as rows:
+        stream_pair_distances(params, pairs[len(done):], first=len(done), **options)) as rows:
       for _, chunk in rows:
         for k in range(0, len(chunk), CHUNK_ROWS):
           first = len(values)
@@ -157,7 +173,8 @@ def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str)
           write(pairs[first:len(values)], values[first:])
           bar.update(len(values) - first)
   images = len({p for pair in pairs for p in pair}) if mode == "all" else None
-  print(f"{PROG}: {check_structure(params)}: {summary(values, images=images)}", file=sys.stderr)
+  sampled = f" ({args.samples} samples, seed {args.seed})" if args.samples is not None else ""
+  print(f"{PROG}: {check_structure(params)}{sampled}: {summary(values, images=images)}", file=sys.stderr)
 
 
 def check_outputs(pairs: list[tuple[Path, Path]], outputs: dict[str, Path | None]) -> None:

@@ -23,7 +23,16 @@ from lpips_jax.checks import check_images, check_structure
 from lpips_jax.errors import InputError
 from lpips_jax.files import read_image
 from lpips_jax.runner import note
-from lpips_jax.scoring import batch_distances, batch_rows, global_mesh, local_mesh, prefetch, row_pixels, run_batches
+from lpips_jax.scoring import (
+  batch_distances,
+  batch_elpips,
+  batch_rows,
+  global_mesh,
+  local_mesh,
+  prefetch,
+  row_pixels,
+  run_batches,
+)
 
 QUEUE = 2  # batches decoded ahead of the devices (each within the budget)
 WORKERS = 4  # decoding threads
@@ -91,7 +100,7 @@ def size_error(a: Path, x: np.ndarray, b: Path, y: np.ndarray) -> InputError:
 
 
 def ref_distances(params, ref: Path, others: list[Path], *, resize: bool, batch_size: int,
-                  batch_pixels: int | None = None, dtype=None) -> np.ndarray:
+                  batch_pixels: int | None = None, dtype=None, **sampling) -> np.ndarray:
   """Distances of each image of `others` to `ref`: one `pairwise` row, so REF's features are computed once (at
   most `_feature_batch` images per trunk pass)."""
   x = read(ref)
@@ -100,11 +109,11 @@ def ref_distances(params, ref: Path, others: list[Path], *, resize: bool, batch_
     if y.shape != x.shape:
       raise size_error(ref, x, path, y)
   return pairwise(params, x[None], np.stack(ys), batch_size=_feature_batch(x.shape, batch_size, batch_pixels),
-                  dtype=dtype)[0]
+                  dtype=dtype, **sampling)[0]
 
 
 def all_pair_distances(params, pairs: list[tuple[Path, Path]], start: int, *, resize: bool, batch_size: int,
-                       batch_pixels: int | None = None, dtype=None) -> Iterator[tuple[int, list[float]]]:
+                       batch_pixels: int | None = None, dtype=None, **sampling) -> Iterator[tuple[int, list[float]]]:
   """Distances of `pairs[start:]`, all pairs (i < j) of one directory's files, as `(start, values)`.
 
   Images of one size go through `pairwise` (each image's features once, `_feature_batch` images per trunk pass);
@@ -125,7 +134,7 @@ def all_pair_distances(params, pairs: list[tuple[Path, Path]], start: int, *, re
   d: dict[tuple[int, int], float] = {}
   for shape, members in groups.items():
     matrix = pairwise(params, np.stack([images[i] for i in members]), dtype=dtype,
-                      batch_size=_feature_batch(shape, batch_size, batch_pixels))
+                      batch_size=_feature_batch(shape, batch_size, batch_pixels), **sampling)
     where = {i: k for k, i in enumerate(members)}
     d.update({(i, j): float(matrix[where[i], where[j]]) for i, j in todo if i in where and j in where})
   mixed = [(i, j) for i, j in todo if (i, j) not in d]
@@ -134,7 +143,7 @@ def all_pair_distances(params, pairs: list[tuple[Path, Path]], start: int, *, re
     raise size_error(files[i], images[i], files[j], images[j])
   with contextlib.closing(stream_pair_distances(params, [(files[i], files[j]) for i, j in mixed], resize=True,
                                                 batch_size=batch_size, batch_pixels=batch_pixels,
-                                                dtype=dtype)) as stream:
+                                                dtype=dtype, **sampling)) as stream:
     for offset, values in stream:
       d.update(zip(mixed[offset:offset + len(values)], values))
   yield start, [d[pair] for pair in todo]
@@ -147,20 +156,20 @@ def _feature_batch(shape: tuple[int, ...], batch_size: int, batch_pixels: int | 
 
 
 def file_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: bool, batch_size: int, progress: bool,
-                   batch_pixels: int | None = None, dtype=None) -> list[float]:
+                   batch_pixels: int | None = None, dtype=None, **sampling) -> list[float]:
   """Distances of (a, b) image file pairs, in order (see `stream_pair_distances`)."""
   out: list[float] = []
   with progress_bar(len(pairs), progress) as bar:
     for _, values in stream_pair_distances(params, pairs, resize=resize, batch_size=batch_size,
-                                           batch_pixels=batch_pixels, dtype=dtype):
+                                           batch_pixels=batch_pixels, dtype=dtype, **sampling):
       out += values
       bar.update(len(values))
   return out
 
 
 def stream_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: bool, batch_size: int,
-                          batch_pixels: int | None = None, dtype=None,
-                          workers: int = WORKERS) -> Iterator[tuple[int, list[float]]]:
+                          batch_pixels: int | None = None, dtype=None, workers: int = WORKERS, key=None,
+                          samples: int = 1, first: int = 0) -> Iterator[tuple[int, list[float]]]:
   """Distances of (a, b) image file pairs as `(start, values)` for consecutive runs of pairs, in order.
 
   Images are read by `workers` threads on a background thread (`lpips_jax.scoring.prefetch`) while the devices
@@ -170,10 +179,15 @@ def stream_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: boo
   batch_pixels)` pairs (the engine pads to that count), so each image size compiles once and a batch holds at most
   `batch_pixels` pixels (or one pair). Host memory is bounded the same way: a chunk holds up to 2 batches' pairs
   and pixels, the images decoded ahead of it fit in as many pixels, and `QUEUE` batches wait for the devices.
+
+  E-LPIPS (`key`, `samples`) runs each batch as `score_pairs` does: its pairs share its samples, drawn from the key
+  folded with the index of its first pair (`first` is the index of `pairs[0]` in the whole list, so a resumed run
+  numbers its pairs as the first did).
   """
   v = check_structure(params)
   mesh = global_mesh()
-  rows = lambda shape: batch_rows(batch_size, row_pixels([shape, shape]), batch_pixels, mesh)
+  extra = [()] if key is not None else []  # E-LPIPS's index column, as `run_batches` counts a row's pixels
+  rows = lambda shape: batch_rows(batch_size, row_pixels([shape, shape, *extra]), batch_pixels, mesh)
   chunk_pairs, chunk_pixels = 2 * batch_size, 2 * batch_pixels if batch_pixels else None  # a chunk's bounds
 
   def read_pair(pair):
@@ -206,13 +220,17 @@ def stream_pair_distances(params, pairs: list[tuple[Path, Path]], *, resize: boo
       for k in range(0, len(indices), step):
         part = indices[k:k + step]
         a, b = (np.stack([chunk[i][side] for i in part]) for side in (0, 1))
-        yield (start, len(chunk), part), (a, b)
+        index = () if key is None else (np.full(len(part), first + start + part[0], np.int32),)
+        yield (start, len(chunk), part), (a, b, *index)
 
   chunks: dict[int, list] = {}
   stream = prefetch(batches(), QUEUE)
-  for (start, count, part), (d,) in run_batches(batch_distances, params, stream, batch_size=batch_size,
-                                                batch_pixels=batch_pixels, mesh=mesh, tagged=True, variant=v,
-                                                normalize=False, dtype=dtype, precision=None):
+  fn, arg, options = batch_distances, params, {}
+  if key is not None:  # E-LPIPS: each batch's samples drawn from the key folded with its first pair's index
+    fn, arg, options = batch_elpips, (params, key), {"samples": samples}
+  for (start, count, part), (d,) in run_batches(fn, arg, stream, batch_size=batch_size, batch_pixels=batch_pixels,
+                                                mesh=mesh, tagged=True, variant=v, normalize=False, dtype=dtype,
+                                                precision=None, **options):
     values = chunks.setdefault(start, [None] * count)
     for i, value in zip(part, d):
       values[i] = float(value)
