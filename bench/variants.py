@@ -8,9 +8,15 @@
    image (64x64 batch 16), interleaved as bench/bench.py; ratio = reference time / lpips-jax time per repetition
    (above 1: lpips-jax faster), median and range; the plain nets' rows beside them for scale.
 
+3. E-LPIPS's cost per sample: `jax.jit(lpips_jax.distance)` of vgg_ensemble with `samples=8` (a new key each call,
+   so each call averages over the random scale levels) against LPIPS-VGG on the same inputs, interleaved; ratio =
+   LPIPS-VGG time / (E-LPIPS time / 8), the cost of one sample against one LPIPS-VGG evaluation (its reference is
+   TensorFlow 1 code that does not run in this environment: absolute pairs/s are given). Uses the published heads if
+   `lpips-jax convert elpips` has written them, else heads of the same shapes (the speed is the same).
+
 Run alone (nothing else computing), from the repository root, with the test extras and the reference installed
 (`pip install --no-deps stlpips-pytorch==0.0.2`):
-  python bench/variants.py [--reps 11] [--part shift|speed|both]
+  python bench/variants.py [--reps 11] [--part shift|speed|elpips|all]
 """
 import argparse
 import os
@@ -85,17 +91,59 @@ def speed_table(reps: int) -> None:
             f"{batch / np.median(t_jax):.1f} | {batch / np.median(t_ref):.1f} |", flush=True)
 
 
+def elpips_params():
+  try:
+    return lpips_jax.load("vgg_ensemble")
+  except FileNotFoundError:  # the published heads are not converted here: heads of the same shapes
+    from lpips_jax.elpips import seeded_heads
+    from lpips_jax.layout import scaling
+
+    heads = {f"lin{k}": {"kernel": h.reshape(1, 1, -1, 1)} for k, h in enumerate(seeded_heads())}
+    return jax.device_put({"vgg_ensemble": lpips_jax.load("vgg", device="numpy")["vgg"], **scaling("0.1"), **heads})
+
+
+def elpips_table(reps: int, samples: int = 8) -> None:
+  import time
+
+  params, vgg = elpips_params(), lpips_jax.load("vgg")
+  print("| case | batch | one E-LPIPS sample / one LPIPS-VGG (median, range) | E-LPIPS samples x pairs/s | "
+        "LPIPS-VGG pairs/s | compile s |")
+  print("|---|---|---|---|---|---|")
+  for kind, size, batch in (("forward", 64, 16), ("forward", 256, 2), ("grad", 64, 8)):
+    a, b = inputs(batch, size)
+    distance = lambda p, x, y, k: lpips_jax.distance(p, x, y, key=k, samples=samples)
+    if kind == "grad":
+      f = jax.jit(jax.grad(lambda x, p, y, k: distance(p, x, y, k).sum()))
+      call = lambda k: f(a, params, b, k)
+    else:
+      f = jax.jit(distance)
+      call = lambda k: f(params, a, b, k)
+    keys = iter(jax.random.split(jax.random.key(0), 2 * reps + 1))
+    start = time.perf_counter()
+    jax.block_until_ready(call(next(keys)))
+    compiled = time.perf_counter() - start
+    run = lambda: jax.block_until_ready(call(next(keys)))
+    ref, _, _ = jax_call(vgg, kind, a, b)
+    ref()
+    t_vgg, t_el = interleaved(ref, run, reps)
+    r = t_el / samples / t_vgg
+    print(f"| {kind} {size}x{size} | {batch} | **{np.median(r):.2f}x** ({r.min():.2f}-{r.max():.2f}) | "
+          f"{batch * samples / np.median(t_el):.1f} | {batch / np.median(t_vgg):.1f} | {compiled:.0f} |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--reps", type=int, default=11)
-  parser.add_argument("--part", choices=["shift", "speed", "both"], default="both")
+  parser.add_argument("--part", choices=["shift", "speed", "elpips", "all"], default="all")
   args = parser.parse_args()
   print(f"# {platform.node()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"load average {os.getloadavg()[0]:.2f}")
-  if args.part in ("shift", "both"):
+  if args.part in ("shift", "all"):
     shift_table()
-  if args.part in ("speed", "both"):
+  if args.part in ("speed", "all"):
     speed_table(args.reps)
+  if args.part in ("elpips", "all"):
+    elpips_table(args.reps)
   print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -124,9 +124,12 @@ def one_sample(v: Variant, params, a01, b01, key, **options):
   drawn from `key`, then `transformed_distance`. The scale level decides the shapes, so each level is a branch of
   its own (all compiled, one run)."""
   t, dropout = drawn(key, a01.shape[0], a01.dtype)
-  branches = [functools.partial(transformed_distance, v, scale=s, **options) for s in range(1, SCALE_LEVELS + 1)]
-  return jax.lax.switch(t.scale - 1, [lambda p, t, a, b, k, f=f: f(p, t, a01=a, b01=b, dropout=k) for f in branches],
-                        params, t, a01, b01, dropout)
+
+  def at(scale: int):
+    return lambda params, t, a01, b01, dropout: transformed_distance(v, params, t, scale, a01, b01, dropout=dropout,
+                                                                      **options)
+
+  return jax.lax.switch(t.scale - 1, [at(s) for s in range(1, SCALE_LEVELS + 1)], params, t, a01, b01, dropout)
 
 
 def drawn(key: jax.Array, n: int, dtype=jnp.float32) -> tuple[Transform, jax.Array]:
@@ -170,10 +173,12 @@ def to_float(x) -> jax.Array:
 def sample_taps(v: Variant, params, x, key, **options) -> tuple[jax.Array, ...]:
   """The raw taps of images `x` under sample 0 of `key`, as `distance`'s first sample draws it for a batch of
   len(x) pairs (`taps_under`). `key` must be concrete: the scale level decides the taps' shapes."""
-  t, dropout = drawn(sample_key(key, 0), len(x))
+  t, dropout = drawn(sample_key(key, 0), len(x), to_float(x).dtype)
   return taps_under(v, params, x, t, int(t.scale), dropout, **options)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=("normalize", "dtype", "precision", "remat",
+                                                                     "shared"))
 def taps_under(v: Variant, params, x, t: Transform, scale: int, dropout, *, normalize: bool, dtype=None,
                precision=None, remat: bool = False, shared: bool = False) -> tuple[jax.Array, ...]:
   """The raw taps of images `x` [N, H, W, 3] under transformation `t` at its scale level `scale` (a Python int) and

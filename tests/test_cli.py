@@ -573,7 +573,8 @@ def test_a_batch_is_bounded_by_its_pixels_as_well_as_its_pairs(tmp_path, monkeyp
   np.testing.assert_allclose(values, [lpips_of(x, y) for x, y in pairs], atol=1e-6)
   assert cli.BATCH_PIXELS == {net: scoring.BATCH_BYTES // scoring.BYTES_PER_PIXEL[net] for net in ("alex", "squeeze",
                                                                                                   "vgg", "alex_st",
-                                                                                                  "vgg_st")}
+                                                                                                  "vgg_st",
+                                                                                                  "vgg_ensemble")}
 
 
 def test_images_decoded_ahead_are_bounded_by_pixels():
@@ -620,7 +621,7 @@ def test_running_out_of_memory_is_one_line_and_help_states_the_budget(monkeypatc
                                      "smaller images at a time\n")
   text = " ".join(cli.parser().format_help().split())
   budget = ", ".join(f"{net} {cli.BATCH_PIXELS[net] / 1e6:.1f}" for net in ("alex", "squeeze", "vgg", "alex_st",
-                                                                             "vgg_st"))
+                                                                             "vgg_st", "vgg_ensemble"))
   assert f"at most the net's pixel budget ({budget} megapixels of its pairs" in text and "--max-pixels N" in text
 
 

@@ -94,7 +94,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 def test_every_flag_of_every_command_is_spelled_with_dashes():
   flags = {prog: [o for a in p._actions for o in a.option_strings if o.startswith("--")]
            for prog, p in parsers().items()}
-  assert len(flags) == 7 and all(flags.values())
+  assert len(flags) == 8 and all(flags.values())
   for prog, options in flags.items():
     assert [o for o in options if "_" in o] == [], prog
 

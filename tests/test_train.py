@@ -273,6 +273,8 @@ def test_config_defaults_are_the_reference_and_bad_values_are_named():
   with pytest.raises(ValueError, match=r"unknown --net 'resnet'; choose one of \['alex', 'vgg', 'squeeze', "
                                        r"'alex_st', 'vgg_st'\]"):
     get_config(net="resnet")
+  with pytest.raises(ValueError, match=r"--net vgg_ensemble: E-LPIPS is not trained here"):
+    get_config(net="vgg_ensemble")
 
 
 BAD_SETTINGS = [  # (settings, the error): every numeric flag out of its range, and no training set

@@ -40,11 +40,14 @@ def _field(default, doc: str):
   return dataclasses.field(default=default, metadata={"help": doc})
 
 
+TRAINABLE = tuple(n for n in NETS if not NETS[n].ensemble)  # E-LPIPS's heads are its authors'; not trained here
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every setting of a training run; the defaults are the official ones unless marked otherwise."""
 
-  net: str = _field("alex", "trunk: " + ", ".join(NETS))
+  net: str = _field("alex", "trunk: " + ", ".join(TRAINABLE))
   version: str = _field("0.1", "'0.1' scales the input (the released weights); '0.0' as the 2018 paper")
   mode: str = _field("lin", "lin: frozen pretrained trunk; tune: pretrained trunk trained too; scratch: random trunk")
   dataroot: str = _field("./dataset/2afc", "BAPPS 2AFC root (the official script's ./dataset + '/2afc')")
@@ -78,7 +81,7 @@ class Config:
 
 
 # The valid values of each field that takes one of a few; the CLI offers them as choices.
-CHOICES = {"net": tuple(NETS), "version": tuple(VERSIONS), "mode": MODES, "dtype": tuple(DTYPES), "nonneg": NONNEG,
+CHOICES = {"net": TRAINABLE, "version": tuple(VERSIONS), "mode": MODES, "dtype": tuple(DTYPES), "nonneg": NONNEG,
            "heads_init": HEADS_INIT}
 # The settings a resumed run may change (each change is recorded in its log): how long it runs, where the data lies,
 # what is scored, logged and kept, and how fast the host works. Every other setting makes the run what it is (the
@@ -92,6 +95,9 @@ def get_config(**overrides) -> Config:
   """The reference configuration, with `overrides` (field=value) applied and checked: each bad value is
   an InputError (a ValueError) naming its flag (`--epochs-decay` for the field `epochs_decay`) and the valid range."""
   config = dataclasses.replace(Config(), **overrides)
+  if config.net in NETS and NETS[config.net].ensemble:
+    raise InputError(f"--net {config.net}: E-LPIPS is not trained here (its heads were trained by its authors; this "
+                     f"trainer fits LPIPS heads to 2AFC judgments); choose one of {list(CHOICES['net'])}")
   for name, valid in CHOICES.items():
     if getattr(config, name) not in valid:
       raise InputError(f"unknown {flag(name)} {getattr(config, name)!r}; choose one of {list(valid)}")

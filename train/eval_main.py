@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from lpips_jax import runner
-from lpips_jax.backbones import NETS
+from lpips_jax.backbones import ALIASES, NETS
 from lpips_jax.errors import InputError
 from lpips_jax.files import atomic_write, bombs_are_errors
 from lpips_jax.layout import VERSIONS
-from lpips_jax.train.config import DTYPES, VAL_2AFC, VAL_JND, flag
+from lpips_jax.train.config import DTYPES, TRAINABLE, VAL_2AFC, VAL_JND, flag
 
 PROG = "lpips-jax eval"
+SCORED = TRAINABLE  # the fixed metrics: E-LPIPS, random, is scored through lpips_jax.distance with a key
 
 SETS = {"2afc": VAL_2AFC, "jnd": VAL_JND}
 
@@ -34,7 +35,7 @@ SETS = {"2afc": VAL_2AFC, "jnd": VAL_JND}
 def parser() -> argparse.ArgumentParser:
   p = runner.Parser(prog=PROG, description=__doc__.splitlines()[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, NETS))} (released weights) or the path of "
+  p.add_argument("--weights", default="alex", help=f"{', '.join(map(repr, SCORED))} (released weights) or the path of "
                  "a .safetensors params file (e.g. a training run's lpips.safetensors)")
   p.add_argument("--version", default="0.1", choices=list(VERSIONS), help="for released weights")
   p.add_argument("--baseline", action="store_true", help="released trunk without heads (lpips=False)")
@@ -64,7 +65,7 @@ def eval_command(argv: list[str]) -> dict[str, float]:
       p.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
   for name in ("weights", "compare"):
     if getattr(args, name) is not None and not getattr(args, name).strip():
-      p.error(f"{flag(name)} is empty; give a net name ({', '.join(NETS)}) or the path of a .safetensors file")
+      p.error(f"{flag(name)} is empty; give a net name ({', '.join(SCORED)}) or the path of a .safetensors file")
   bombs_are_errors()
   return score(args)
 
@@ -103,6 +104,9 @@ def _weights(name: str, args: argparse.Namespace):
     if args.baseline:
       raise InputError("--baseline applies to released weights ('alex', 'vgg', 'squeeze'), not to a weights file")
     return lpips_jax.load(path)
+  if NETS.get(ALIASES.get(name, name), NETS["alex"]).ensemble:
+    raise InputError(f"{name}: E-LPIPS is random and this command scores fixed metrics; choose one of "
+                     f"{list(SCORED)}")
   return lpips_jax.load(name, args.version, lpips=not args.baseline)
 
 

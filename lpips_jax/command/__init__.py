@@ -173,7 +173,8 @@ def compute(args: argparse.Namespace, pairs: list[tuple[Path, Path]], mode: str)
           write(pairs[first:len(values)], values[first:])
           bar.update(len(values) - first)
   images = len({p for pair in pairs for p in pair}) if mode == "all" else None
-  sampled = f" ({args.samples} samples, seed {args.seed})" if args.samples is not None else ""
+  sampled = (f" ({args.samples} sample{'s' if args.samples > 1 else ''}, seed {args.seed})"
+             if args.samples is not None else "")
   print(f"{PROG}: {check_structure(params)}{sampled}: {summary(values, images=images)}", file=sys.stderr)
 
 
