@@ -132,13 +132,18 @@ class VGG16Avg(_Trunk):
   mask_groups: int = 1
   slices = 1 + len(_VGG16_CONVS)
   KEEP = 0.99
+  LEVELS = (0, *(block for block, _, _, _ in _VGG16_CONVS))  # each tap's number of pools before it
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+  def __call__(self, x: jax.Array, valid=None) -> tuple[jax.Array, ...]:
+    """`valid` (n, m): only the top left n x m pixels are the image, the rest padding (E-LPIPS's canvas,
+    `elpips.network_input`): every conv input and tap is zero outside the valid part at its level (n and m halved,
+    rounded down, at each pool), so the valid part computes as the image alone would with zero padding."""
     masks = self.masks(x.shape) if self.has_rng("dropout") else [None] * len(_VGG16_CONVS)
+    x = x if valid is None else x * _region(x.shape, valid, 0).astype(x.dtype)
     run, taps = _remat(type(self).slice, self.remat), [x]
     for s, mask in enumerate(masks, 1):
-      taps.append(x := run(self, x, s, mask))
+      taps.append(x := run(self, x, s, mask, valid))
     return tuple(taps)
 
   def masks(self, shape) -> list[jax.Array]:
@@ -152,14 +157,23 @@ class VGG16Avg(_Trunk):
     ends = np.cumsum([0, *map(math.prod, shapes)])
     return [jnp.tile(scaled[a:b].reshape(s), (self.mask_groups, 1, 1, 1)) for a, b, s in zip(ends, ends[1:], shapes)]
 
-  def slice(self, x: jax.Array, s: int, mask=None) -> jax.Array:
+  def slice(self, x: jax.Array, s: int, mask=None, valid=None) -> jax.Array:
     block, position, index, features = _VGG16_CONVS[s - 1]
     if block and not position:  # the 2x2/2 average pool opening blocks 2-5; an odd last row or column is dropped
       n, h, w, c = x.shape
       x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+      if valid is not None:
+        x = x * _region(x.shape, valid, block).astype(x.dtype)
     if mask is not None:
       x = x * mask.astype(x.dtype)
-    return nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
+    x = nn.relu(_conv(features, 3, 1, 1, f"features_{index}", self.dtype, self.precision)(x))
+    return x if valid is None else x * _region(x.shape, valid, block).astype(x.dtype)
+
+
+def _region(shape, valid, level: int) -> jax.Array:
+  """[1, h, w, 1]: 1 on the top left (n // 2**level) x (m // 2**level) pixels of a map of `shape`, 0 elsewhere."""
+  rows, cols = (jnp.arange(size) < v // 2**level for size, v in zip(shape[1:3], valid))
+  return (rows[:, None] & cols[None, :]).astype(jnp.float32)[None, :, :, None]
 
 
 BINOMIAL = (0.25, 0.5, 0.25)  # the blur pool's 1-D filter; ST-LPIPS's 2-D filter is its outer product

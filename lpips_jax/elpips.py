@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpips_jax.backbones import NETS
+from lpips_jax.backbones import NETS, VGG16Avg
 from lpips_jax.layout import Variant
 
 CHANNELS = NETS["vgg_ensemble"].channels
+LEVELS = VGG16Avg.LEVELS  # each tap's number of 2x2 pools before it
 SCALE_LEVELS = 8  # downscalings by 1..8 (the reference's num_scales)
 OFFSET_MAX = 7  # offsets 0..7: every offset pads 7 rows and 7 columns in all (B.2)
 COLOR_MIN = 0.2  # colour scales are uniform in [0.2, 1)
@@ -67,28 +68,51 @@ def sample(key: jax.Array, n: int, dtype=jnp.float32) -> Transform:
   return Transform(scale, scale_pad, offset, flip, transpose, permutation, color_scale)
 
 
-def transform(t: Transform, x: jax.Array, scale: int) -> jax.Array:
-  """Images `x` [N, H, W, 3] in [0, 1] transformed by `t` at its scale level `scale` (a Python int, as it decides
-  the output's shape): B.1-B.3, B.5, B.6. The transposition (B.4) is left to the caller."""
-  if scale > 1:  # B.1: reflect-pad to a multiple of s (py rows above), then s x s box means
-    s = scale
-    h, w = x.shape[1:3]
-    hf, wf = ((n + 2 * s - 2) // s * s for n in (h, w))
-    # The most padding any (py, px) needs, then the window that starts py rows and px columns above the image.
-    x = jnp.pad(x, [(0, 0), (s - 1, hf - h), (s - 1, wf - w), (0, 0)], mode="reflect")
-    py, px = (s - 1 - jnp.asarray(p) for p in (t.scale_pad[0], t.scale_pad[1]))
-    x = jax.lax.dynamic_slice(x, (0, py, px, 0), (x.shape[0], hf, wf, 3))
-    x = x.reshape(x.shape[0], hf // s, s, wf // s, s, 3).mean(axis=(2, 4))
-  if t.offset is not None:  # B.2: 7 - dy rows above and dy below: a window of the image padded by 7 all round
-    h, w = x.shape[1:3]
-    padded = jnp.pad(x, [(0, 0), (OFFSET_MAX, OFFSET_MAX), (OFFSET_MAX, OFFSET_MAX), (0, 0)], mode="reflect")
-    window = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h + OFFSET_MAX, w + OFFSET_MAX, 3))
-    x = jax.vmap(window)(padded, jnp.asarray(t.offset))
-  flip = jnp.asarray(t.flip)[:, None, None, None]  # B.3
-  x = jnp.where((flip == 0) | (flip == 2), x[:, :, ::-1], x)
-  x = jnp.where((flip == 1) | (flip == 2), x[:, ::-1], x)
+def network_input(t: Transform, x: jax.Array, small: bool) -> tuple[jax.Array, tuple]:
+  """Images `x` [N, H, W, 3] in [0, 1] transformed by `t` (B.1-B.3, B.5, B.6; the transposition, B.4, is left to
+  `transposed`), on a canvas of fixed size whatever the scale level, with the valid rows and columns (n, m).
+
+  The scale level decides the transformed image's size, `(H + 2s - 2) // s + 7` rows, so the image is written into
+  the top left of a canvas of the largest size it can have: `full` (H + 7 rows, s = 1) or `small` (s >= 2: s = 2's
+  size); the network masks the rest (`backbones.VGG16Avg`). Each axis is one matrix per image [canvas, size]: row y
+  is the box mean of s rows of the reflect-padded image (B.1), read through the offset's reflect-padded window (B.2)
+  and the flip (B.3); the canvas is then one product per image, `rows @ x @ cols^T`, at full float32 precision.
+  """
+  offset = jnp.zeros((x.shape[0], 2), int) if t.offset is None else jnp.asarray(t.offset)
+  pad = 0 if t.offset is None else OFFSET_MAX  # None: the reference's network without the offset step
+  flip = jnp.asarray(t.flip)
+  rows, n = _axis(x.shape[1], small, pad, t.scale, t.scale_pad[0], offset[:, 0], (flip == 1) | (flip == 2), x.dtype)
+  cols, m = _axis(x.shape[2], small, pad, t.scale, t.scale_pad[1], offset[:, 1], (flip == 0) | (flip == 2), x.dtype)
+  x = jnp.einsum("nyh,nhwc,nxw->nyxc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
   x = jnp.take_along_axis(x, jnp.asarray(t.permutation)[:, None, None, :], axis=-1)  # B.5
-  return x * jnp.asarray(t.color_scale, x.dtype)[:, None, None, :]  # B.6
+  return x * jnp.asarray(t.color_scale, x.dtype)[:, None, None, :], (n, m)  # B.6
+
+
+def canvas(size: int, small: bool, pad: int = OFFSET_MAX) -> int:
+  """The canvas's length along an axis of `size` pixels: the transformed length at s = 1, or at s = 2 (`small`)."""
+  return (size + 2) // 2 + pad if small else size + pad
+
+
+def _axis(size: int, small: bool, pad: int, s, scale_pad, offset, flip, dtype) -> tuple[jax.Array, jax.Array]:
+  """The [N, canvas, size] matrix of one axis (`network_input`) and the valid length n."""
+  s = jnp.asarray(s)
+  scaled = (size + 2 * s - 2) // s  # B.1's length: reflect-padded to a multiple of s, at least s - 1 more
+  n = scaled + pad
+  y = jnp.arange(canvas(size, small, pad))[None, :]
+  y = jnp.where(flip[:, None], n - 1 - y, y)  # B.3 [N, L]
+  i = _reflect(y - pad + offset[:, None], scaled)  # B.2: the window starts pad - offset before the image
+  a = jnp.arange(SCALE_LEVELS)[None, None, :]
+  source = _reflect(i[..., None] * s + a - scale_pad, size)  # B.1: row i averages padded rows i s .. i s + s - 1
+  weights = (jnp.where(a < s, 1.0, 0.0).astype(dtype) / s.astype(dtype))[..., None]  # [1, 1, 8, 1]
+  hits = (source[..., None] == jnp.arange(size)[None, None, None, :]).astype(weights.dtype)
+  matrix = jnp.sum(hits * weights, axis=-2)
+  return jnp.where((jnp.arange(matrix.shape[1]) < n)[None, :, None], matrix, 0.0), n
+
+
+def _reflect(i, n):
+  """Index `i` of an axis of length n reflect-padded (the edge not repeated; one reflection, as every pad here is
+  shorter than the axis)."""
+  return jnp.where(i < 0, -i, jnp.where(i >= n, 2 * (n - 1) - i, i))
 
 
 def transposed(params, net: str, images: tuple[jax.Array, ...], swap) -> tuple[dict, tuple[jax.Array, ...]]:
@@ -104,32 +128,37 @@ def transposed(params, net: str, images: tuple[jax.Array, ...], swap) -> tuple[d
   return {**params, net: trunk}, images
 
 
-def transformed_distance(v: Variant, params, t: Transform, scale: int, a01, b01, *, dropout=None,
+def transformed_distance(v: Variant, params, t: Transform, a01, b01, *, small: bool, dropout=None,
                          per_layer: bool = False, dtype=None, precision=None, remat: bool = False):
   """The LPIPS pipeline (`lpips.pipeline`'s steps) of images `a01`, `b01` [N, H, W, 3] in [0, 1] under the one
-  transformation `t` at its scale level `scale`, with dropout masks drawn from `dropout` (None: no dropout, the
-  deterministic core the reference's goldens pin)."""
+  transformation `t` on the `small` canvas (s >= 2) or the full one (`network_input`), with dropout masks drawn
+  from `dropout` (None: no dropout, the deterministic core the reference's goldens pin)."""
   from lpips_jax.lpips import compare, trunk_taps  # lpips imports this module
 
-  p, (a, b) = transposed(params, v.net, tuple(2 * transform(t, x, scale) - 1 for x in (a01, b01)), t.transpose)
-  # Both images in one trunk call (they share its dropout masks): half the program of two calls to compile, for
-  # each of the eight scale levels. The rows of one call compute alike, so d(x, x) is 0 and d(a, b) = d(b, a).
-  taps = trunk_taps(v, p, jnp.concatenate([a, b]), False, dtype, precision, remat, dropout, mask_groups=2)
+  (a, valid), (b, _) = (network_input(t, x, small) for x in (a01, b01))
+  p, (a, b) = transposed(params, v.net, (2 * a - 1, 2 * b - 1), t.transpose)
+  # Both images in one trunk call (they share its dropout masks): half the program of two calls to compile. The
+  # rows of one call compute alike, so d(x, x) is 0 and d(a, b) = d(b, a).
+  taps = trunk_taps(v, p, jnp.concatenate([a, b]), False, dtype, precision, remat, dropout, mask_groups=2,
+                    valid=valid)
   n = a.shape[0]
-  return compare(v, p, [x[:n] for x in taps], [x[n:] for x in taps], raw=True, per_layer=per_layer, remat=remat)
+  return compare(v, p, [x[:n] for x in taps], [x[n:] for x in taps], raw=True, per_layer=per_layer, remat=remat,
+                 areas=areas(valid))
+
+
+def areas(valid) -> list:
+  """The valid area of each tap (`network_input`'s valid size, halved, rounded down, at each pool)."""
+  return [((valid[0] // 2**level) * (valid[1] // 2**level)).astype(jnp.float32) for level in LEVELS]
 
 
 def one_sample(v: Variant, params, a01, b01, key, **options):
   """One sample of E-LPIPS for images `a01`, `b01` [N, H, W, 3] in [0, 1]: the transformation and dropout masks
-  drawn from `key`, then `transformed_distance`. The scale level decides the shapes, so each level is a branch of
-  its own (all compiled, one run)."""
+  drawn from `key`, then `transformed_distance` on the canvas its scale level needs (two branches, both compiled,
+  one run: at s >= 2 the network runs on a quarter of the pixels)."""
   t, dropout = drawn(key, a01.shape[0], a01.dtype)
-
-  def at(scale: int):
-    return lambda params, t, a01, b01, dropout: transformed_distance(v, params, t, scale, a01, b01, dropout=dropout,
-                                                                      **options)
-
-  return jax.lax.switch(t.scale - 1, [at(s) for s in range(1, SCALE_LEVELS + 1)], params, t, a01, b01, dropout)
+  at = lambda small: lambda params, t, a01, b01, dropout: transformed_distance(
+      v, params, t, a01, b01, small=small, dropout=dropout, **options)
+  return jax.lax.cond(t.scale > 1, at(True), at(False), params, t, a01, b01, dropout)
 
 
 def drawn(key: jax.Array, n: int, dtype=jnp.float32) -> tuple[Transform, jax.Array]:
@@ -181,17 +210,22 @@ def sample_taps(v: Variant, params, x, key, **options) -> tuple[jax.Array, ...]:
                                                                      "shared"))
 def taps_under(v: Variant, params, x, t: Transform, scale: int, dropout, *, normalize: bool, dtype=None,
                precision=None, remat: bool = False, shared: bool = False) -> tuple[jax.Array, ...]:
-  """The raw taps of images `x` [N, H, W, 3] under transformation `t` at its scale level `scale` (a Python int) and
-  the dropout masks of `dropout`, in the orientation of `x`. `shared`: `t` was drawn for one pair, and every image
-  gets it and the same masks, so that any two images of `x` form a pair of that sample (`pairwise`)."""
+  """The raw taps of images `x` [N, H, W, 3] under transformation `t` at its scale level `scale` (a Python int: the
+  taps are cut to their valid size) and the dropout masks of `dropout`, in the orientation of `x`. `shared`: `t` was
+  drawn for one pair, and every image gets it and the same masks, so that any two images of `x` form a pair of that
+  sample (`pairwise`)."""
   from lpips_jax.lpips import trunk_taps
 
   x01 = to_float(x) if normalize else (to_float(x) + 1) / 2
   if shared:
     t = t._replace(**{f: jnp.broadcast_to(getattr(t, f), (len(x), *jnp.shape(getattr(t, f))[1:])) for f in
                       ("offset", "flip", "permutation", "color_scale")})
-  p, (z,) = transposed(params, v.net, (2 * transform(t, x01, scale) - 1,), t.transpose)
-  return trunk_taps(v, p, z, False, dtype, precision, remat, dropout, mask_groups=len(x) if shared else 1)
+  z, valid = network_input(t._replace(scale=scale), x01, scale > 1)
+  p, (z,) = transposed(params, v.net, (2 * z - 1,), t.transpose)
+  taps = trunk_taps(v, p, z, False, dtype, precision, remat, dropout, mask_groups=len(x) if shared else 1,
+                    valid=valid)
+  n, m = ((size + 2 * scale - 2) // scale + OFFSET_MAX for size in x.shape[1:3])
+  return tuple(tap[:, :n // 2**level, :m // 2**level] for tap, level in zip(taps, LEVELS))
 
 
 def seeded_heads(seed: int = 2024) -> list[np.ndarray]:

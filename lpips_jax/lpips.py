@@ -162,23 +162,27 @@ def _pipeline_checking(params, a, b, **options):
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat, dropout=None, *,
-               mask_groups: int = 1) -> tuple[jax.Array, ...]:
-  """The raw trunk taps, float32 (or float64), before the channel normalisation. `dropout`: E-LPIPS's key of the
-  trunk's dropout masks, the same for each of the batch's `mask_groups` equal groups (`backbones.VGG16Avg`)."""
+               mask_groups: int = 1, valid=None) -> tuple[jax.Array, ...]:
+  """The raw trunk taps, float32 (or float64), before the channel normalisation. E-LPIPS's (`backbones.VGG16Avg`):
+  `dropout`, the key of the trunk's dropout masks, the same for each of the batch's `mask_groups` equal groups;
+  `valid`, the size of the image on its canvas."""
   trunk = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat,
                             **({"mask_groups": mask_groups} if dropout is not None else {}))
   taps = trunk.apply({"params": params[v.net]}, _scale_input(v, params, x, normalize),
-                     rngs=None if dropout is None else {"dropout": dropout})
+                     *(() if valid is None else (valid,)), rngs=None if dropout is None else {"dropout": dropout})
   return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
 def compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_layer=False, dropout_rng=None,
-             remat=False):
-  """The distance from two tuples of taps: `raw` trunk taps (unit-normalised here) or already unit-normalised."""
+            remat=False, areas=None):
+  """The distance from two tuples of taps: `raw` trunk taps (unit-normalised here) or already unit-normalised.
+  `areas`: each tap's valid area, where the taps are on a larger canvas (E-LPIPS) that is equal in both, so adds 0."""
   def term(k, x0, x1):  # layer k's term: normalise both taps, map, reduce
     if raw:
       x0, x1 = unit_normalize(x0), unit_normalize(x1)
     m = _layer_map(v, params, k, x0, x1, dropout_rng)
+    if areas is not None:
+      return jnp.sum(m, axis=(1, 2)) / areas[k].astype(m.dtype)
     return jnp.mean(m, axis=(1, 2)) if spatial_size is None else _upsample(m, spatial_size)
 
   if remat:  # keep only the raw taps for the backward pass: the normalised taps and squared differences are as large
