@@ -256,13 +256,6 @@ def check_sampling(net: str, key, samples, *, spatial: bool = False, concrete: b
   return key
 
 
-def check_not_ensemble(net: str, what: str) -> None:
-  """An InputError for E-LPIPS params in an entry point that does not serve E-LPIPS yet (`what`: its name)."""
-  if NETS[net].ensemble:
-    raise InputError(f"{what} does not serve E-LPIPS ({net!r}) yet: its samples need a key per batch. Call "
-                     f"lpips_jax.distance(params, a, b, key=...) over your batches, with a new key for each")
-
-
 def check_positive_int(value, name: str) -> int:
   """`value` as an int, or an InputError naming `name` unless it is a positive integer (not a bool or a float)."""
   if not _is_positive_int(value):

@@ -68,24 +68,32 @@ def sample(key: jax.Array, n: int, dtype=jnp.float32) -> Transform:
   return Transform(scale, scale_pad, offset, flip, transpose, permutation, color_scale)
 
 
-def network_input(t: Transform, x: jax.Array, small: bool) -> tuple[jax.Array, tuple]:
-  """Images `x` [N, H, W, 3] in [0, 1] transformed by `t` (B.1-B.3, B.5, B.6; the transposition, B.4, is left to
-  `transposed`), on a canvas of fixed size whatever the scale level, with the valid rows and columns (n, m).
+def network_input(t: Transform, images: tuple[jax.Array, ...], small: bool) -> tuple[tuple[jax.Array, ...], tuple]:
+  """Images [N, H, W, 3] in [0, 1] (each of `images`, all of one shape) transformed by `t` (B.1-B.3, B.5, B.6; the
+  transposition, B.4, is left to `transposed`), on a canvas of fixed size whatever the scale level, with the valid
+  rows and columns (n, m).
 
   The scale level decides the transformed image's size, `(H + 2s - 2) // s + 7` rows, so the image is written into
   the top left of a canvas of the largest size it can have: `full` (H + 7 rows, s = 1) or `small` (s >= 2: s = 2's
   size); the network masks the rest (`backbones.VGG16Avg`). Each axis is one matrix per image [canvas, size]: row y
   is the box mean of s rows of the reflect-padded image (B.1), read through the offset's reflect-padded window (B.2)
   and the flip (B.3); the canvas is then one product per image, `rows @ x @ cols^T`, at full float32 precision.
+  The matrices are built once and serve every one of `images` (a pair's two images get the same transformation).
   """
+  x = images[0]
   offset = jnp.zeros((x.shape[0], 2), int) if t.offset is None else jnp.asarray(t.offset)
   pad = 0 if t.offset is None else OFFSET_MAX  # None: the reference's network without the offset step
   flip = jnp.asarray(t.flip)
   rows, n = _axis(x.shape[1], small, pad, t.scale, t.scale_pad[0], offset[:, 0], (flip == 1) | (flip == 2), x.dtype)
   cols, m = _axis(x.shape[2], small, pad, t.scale, t.scale_pad[1], offset[:, 1], (flip == 0) | (flip == 2), x.dtype)
-  x = jnp.einsum("nyh,nhwc,nxw->nyxc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
-  x = jnp.take_along_axis(x, jnp.asarray(t.permutation)[:, None, None, :], axis=-1)  # B.5
-  return x * jnp.asarray(t.color_scale, x.dtype)[:, None, None, :], (n, m)  # B.6
+  permutation = jnp.asarray(t.permutation)[:, None, None, :]
+  colour = jnp.asarray(t.color_scale, x.dtype)[:, None, None, :]
+
+  def one(x):
+    x = jnp.einsum("nyh,nhwc,nxw->nyxc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+    return jnp.take_along_axis(x, permutation, axis=-1) * colour  # B.5, B.6
+
+  return tuple(map(one, images)), (n, m)
 
 
 def canvas(size: int, small: bool, pad: int = OFFSET_MAX) -> int:
@@ -135,7 +143,7 @@ def transformed_distance(v: Variant, params, t: Transform, a01, b01, *, small: b
   from `dropout` (None: no dropout, the deterministic core the reference's goldens pin)."""
   from lpips_jax.lpips import compare, trunk_taps  # lpips imports this module
 
-  (a, valid), (b, _) = (network_input(t, x, small) for x in (a01, b01))
+  (a, b), valid = network_input(t, (a01, b01), small)
   p, (a, b) = transposed(params, v.net, (2 * a - 1, 2 * b - 1), t.transpose)
   # Both images in one trunk call (they share its dropout masks): half the program of two calls to compile. The
   # rows of one call compute alike, so d(x, x) is 0 and d(a, b) = d(b, a).
@@ -179,6 +187,8 @@ def pipeline(params, a, b, key, *, variant: Variant, samples: int, per_layer: bo
   """E-LPIPS of checked params and images: the mean of `samples` samples (`one_sample`), accumulated one sample at
   a time, so memory does not grow with `samples`; the gradient recomputes each sample's forward pass rather than
   keep all of them."""
+  from lpips_jax.lpips import to_float
+
   a01, b01 = (x if normalize else (x + 1) / 2 for x in (to_float(a), to_float(b)))
   one = functools.partial(one_sample, variant, per_layer=per_layer, dtype=dtype, precision=precision, remat=remat)
   if samples == 1:
@@ -193,15 +203,11 @@ def pipeline(params, a, b, key, *, variant: Variant, samples: int, per_layer: bo
   return jax.tree.map(lambda x: x / samples, total)
 
 
-def to_float(x) -> jax.Array:
-  """float32, or float64 for float64 inputs: the metric never computes below float32."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
-
-
 def sample_taps(v: Variant, params, x, key, **options) -> tuple[jax.Array, ...]:
   """The raw taps of images `x` under sample 0 of `key`, as `distance`'s first sample draws it for a batch of
   len(x) pairs (`taps_under`). `key` must be concrete: the scale level decides the taps' shapes."""
+  from lpips_jax.lpips import to_float
+
   t, dropout = drawn(sample_key(key, 0), len(x), to_float(x).dtype)
   return taps_under(v, params, x, t, int(t.scale), dropout, **options)
 
@@ -214,13 +220,13 @@ def taps_under(v: Variant, params, x, t: Transform, scale: int, dropout, *, norm
   taps are cut to their valid size) and the dropout masks of `dropout`, in the orientation of `x`. `shared`: `t` was
   drawn for one pair, and every image gets it and the same masks, so that any two images of `x` form a pair of that
   sample (`pairwise`)."""
-  from lpips_jax.lpips import trunk_taps
+  from lpips_jax.lpips import to_float, trunk_taps
 
   x01 = to_float(x) if normalize else (to_float(x) + 1) / 2
   if shared:
     t = t._replace(**{f: jnp.broadcast_to(getattr(t, f), (len(x), *jnp.shape(getattr(t, f))[1:])) for f in
                       ("offset", "flip", "permutation", "color_scale")})
-  z, valid = network_input(t._replace(scale=scale), x01, scale > 1)
+  (z,), valid = network_input(t._replace(scale=scale), (x01,), scale > 1)
   p, (z,) = transposed(params, v.net, (2 * z - 1,), t.transpose)
   taps = trunk_taps(v, p, z, False, dtype, precision, remat, dropout, mask_groups=len(x) if shared else 1,
                     valid=valid)

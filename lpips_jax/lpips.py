@@ -234,14 +234,19 @@ def _upsample(m: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 def _scale_input(v: Variant, params, x: ArrayLike, normalize: bool) -> jax.Array:
   """Map images to what the trunk expects: [0,1] -> [-1,1] if `normalize`, then the v0.1 ScalingLayer if present."""
-  x = jnp.asarray(x)
-  x = x.astype(_float32_or_wider(x.dtype))
+  x = to_float(x)
   if normalize:
     x = 2 * x - 1
   if v.scaled:
     shift, scale = (params["scaling"][k].reshape(1, 1, 1, 3) for k in ("shift", "scale"))
     x = (x - shift) / scale  # subtract, then divide, as the official
   return x
+
+
+def to_float(x: ArrayLike) -> jax.Array:
+  """`x` as float32, or float64 if it is float64: the metric never computes below float32."""
+  x = jnp.asarray(x)
+  return x.astype(_float32_or_wider(x.dtype))
 
 
 def _float32_or_wider(dtype) -> type:
