@@ -1,5 +1,7 @@
 """Shared test setup: 8 fake CPU devices, a compilation cache, strict JAX promotion, the official `lpips` package,
 example images."""
+import copy
+import functools
 import importlib.util
 import os
 import sys
@@ -95,7 +97,14 @@ def official():
 
 
 def official_model(net: str, version: str = "0.1", lpips: bool = True, *, seed: int = 0):
-  """An official `lpips.LPIPS` in eval mode with a random (torchvision-initialised) trunk and the packaged heads."""
+  """An official `lpips.LPIPS` in eval mode with a random (torchvision-initialised) trunk and the packaged heads: a
+  copy of one built once per process, which the caller may change."""
+  return copy.deepcopy(_official_model(net, version, lpips, seed))
+
+
+@functools.cache
+def _official_model(net: str, version: str, lpips: bool, seed: int):
+  # Building one takes ~1 s (torchvision initialises VGG16's 120M-weight classifier too); a copy, ~0.02 s.
   import torch
 
   torch.manual_seed(seed)

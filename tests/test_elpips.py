@@ -71,14 +71,18 @@ def test_the_seeded_heads_are_the_goldens():
   assert digest == GOLDENS["heads"]["sha256_of_concatenated_float32"]
 
 
+# The transformation a traced argument, as in `elpips.pipeline`: one program per pair shape and canvas, not one
+# eager run of every operation per case.
+transformed_distance = jax.jit(elpips.transformed_distance, static_argnums=0, static_argnames=("small", "per_layer"))
+
+
 @pytest.mark.parametrize("pair, name, golden", list(cases()))
 def test_the_network_under_a_fixed_transformation_is_the_references(pair, name, golden, elpips_params):
   """Float64, as the goldens: the per-layer values and the total within 1e-5 (relative) of the reference's."""
   t = transform_of(next(t for t in GOLDENS["transforms"] if t["name"] == name))
   with jax.enable_x64(True):
     params = as_params(elpips_params, np.float64)
-    total, layers = elpips.transformed_distance(VARIANT, params, t, *pairs()[pair], small=t.scale > 1,
-                                                per_layer=True)
+    total, layers = transformed_distance(VARIANT, params, t, *pairs()[pair], small=t.scale > 1, per_layer=True)
   np.testing.assert_allclose(np.asarray(layers)[:, 0], golden["layers"], rtol=1e-5, atol=1e-9)
   assert abs(float(total[0]) - golden["total"]) <= 1e-5 * abs(golden["total"])
 

@@ -26,7 +26,8 @@ def params_of(net, version="0.1", lpips=True):
   return lpips_jax.load(net, version, lpips=lpips)
 
 
-def images(n=2, size=(48, 40), seed=0):
+def images(n=2, size=(64, 64), seed=0):
+  """A random pair batch; by default of the shape tests/test_parity.py compiles too (the cache shares programs)."""
   rng = np.random.default_rng(seed)
   a = rng.uniform(-1, 1, (n, *size, 3)).astype(np.float32)
   b = np.clip(a + rng.normal(0, 0.4, a.shape), -1, 1).astype(np.float32)
@@ -50,12 +51,12 @@ def test_properties_of_every_variant(variant):
     np.testing.assert_array_equal(t_ab, t_ba)
     assert not np.asarray(t_aa).any()
   spatial = lpips_jax.distance(params, a, b, spatial=True)
-  assert spatial.shape == (2, 48, 40) and spatial.dtype == jnp.float32
+  assert spatial.shape == (2, 64, 64) and spatial.dtype == jnp.float32
   total, terms = lpips_jax.distance(params, a, b, per_layer=True)
   assert len(terms) == len(NETS[variant[0]].channels) and all(t.shape == (2,) for t in terms)
   np.testing.assert_allclose(sum(np.asarray(t, np.float64) for t in terms), total, rtol=1e-6)
   np.testing.assert_allclose(lpips_jax.distance(params, (a + 1) / 2, (b + 1) / 2, normalize=True), d, rtol=1e-5)
-  grad = jax.grad(lambda a: lpips_jax.distance(params, a, b).sum())(a)
+  grad = jax.jit(jax.grad(lambda a, b, params: lpips_jax.distance(params, a, b).sum()))(a, b, params)
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
 
 
@@ -69,7 +70,7 @@ def test_batch_elements_never_interact():
 
 def test_jit_grad_and_vmap_compose_with_distance():
   params = params_of("alex")
-  a, b = images(n=2, size=(64, 64))
+  a, b = images()
   eager = lpips_jax.distance(params, a, b)
   np.testing.assert_allclose(jax.jit(lpips_jax.distance)(params, a, b), eager, rtol=1e-6)
   stacked_a, stacked_b = np.stack([a, b, a]), np.stack([b, a, b])  # an extra leading axis [3, N, H, W, 3]
@@ -153,12 +154,16 @@ def test_derivatives_are_finite_where_the_official_formula_is_nan(case, make_off
   ref = model(torch.tensor(a.transpose(0, 3, 1, 2)), torch.tensor(b.transpose(0, 3, 1, 2))).detach().numpy()
   d = lpips_jax.distance(params, a, b)
   np.testing.assert_allclose(d, ref.reshape(-1), atol=1e-5, rtol=1e-5)
-  f = lambda a: lpips_jax.distance(params, a, b).sum()
   tangent = np.random.default_rng(2).normal(size=a.shape).astype(np.float32)
-  grad = jax.grad(f)(a)
-  _, jvp = jax.jvp(f, (a,), (tangent,))
-  _, hvp = jax.jvp(jax.grad(f), (a,), (tangent,))  # second order: forward over reverse
-  for value in (grad, jvp, hvp):
+
+  @jax.jit  # the three derivatives in one program (the params an argument): a third of three eager ones' compile
+  def derivatives(a, b, params, tangent):
+    f = lambda a: lpips_jax.distance(params, a, b).sum()
+    _, jvp = jax.jvp(f, (a,), (tangent,))
+    _, hvp = jax.jvp(jax.grad(f), (a,), (tangent,))  # second order: forward over reverse
+    return jax.grad(f)(a), jvp, hvp
+
+  for value in derivatives(a, b, params, tangent):
     assert np.all(np.isfinite(value)), name
   if has_zero_vector and name == "spec-example-alex":
     # The same derivative through the official formula is NaN: the case tests what it claims to.
