@@ -9,6 +9,9 @@ import types
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs as two processes on two cores (.ci/run): torch's OpenMP threads, one per core in each, spin against
+# the other process's work (the parity tests took 13% longer). One thread each; JAX's own pool is not OpenMP's.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # JAX's persistent compilation cache, shared by this process and the commands the tests run in subprocesses (they
 # inherit the environment): each executable the suite needs is compiled once per machine, not once per process.
 # Keyed by the computation, the JAX version and the XLA flags, so a stale entry is never used.

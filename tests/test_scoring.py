@@ -103,7 +103,7 @@ def test_cached_target_features_give_the_plain_distance():
 def test_rematerialised_trunk_gives_the_same_values_and_gradient(net):
   a, b = pairs(2, size=64)
   params = params_of(net)
-  grad = lambda remat: jax.grad(lambda x: lpips_jax.distance(params, x, b, remat=remat).sum())(a)
+  grad = lambda remat: jax.jit(jax.grad(lambda x, b, p: lpips_jax.distance(p, x, b, remat=remat).sum()))(a, b, params)
   np.testing.assert_allclose(grad(True), grad(False), atol=1e-9, rtol=1e-5)
   for options in ({}, {"spatial": True}, {"per_layer": True}):
     plain, remat = (lpips_jax.distance(params, a, b, remat=r, **options) for r in (False, True))
