@@ -48,7 +48,7 @@ def one_pass(params, a, b, v):
   """One trunk call over the 2N images, interleaved (the alternative to two calls), |n0 - n1| as max - min."""
   taps = metric.trunk_taps(v, params, jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:]), False, None, None, False)
   pairs = [t.reshape(-1, 2, *t.shape[1:]) for t in taps]
-  return metric._compare(v, params, [p[:, 0] for p in pairs], [p[:, 1] for p in pairs], raw=True)
+  return metric.compare(v, params, [p[:, 0] for p in pairs], [p[:, 1] for p in pairs], raw=True)
 
 
 def gradient_of(fn):

@@ -55,15 +55,21 @@ def check_params(params) -> Variant:
   structure again cost one tree flatten (`lpips_jax.load`'s are recorded as checked when loaded). An edited dict
   (a new array in it), a new pytree, numpy arrays (mutable in place) and tracers are checked at every call.
   """
+  return checked_params(params)[0]
+
+
+def checked_params(params) -> tuple[Variant, bool]:
+  """`check_params`'s variant, and whether any of the params is traced (under jit or grad), from one tree flatten:
+  the eager `distance` needs both, and pays for every flatten on every call."""
   leaves, key = _checked_key(params)
   known = _CHECKED.get(key) if key is not None else None
   if known is not None and all(ref() is x for ref, x in zip(known[1], leaves)):
-    return known[0]
+    return known[0], False
   v = check_structure(params)
   check_arrays(params, prefix="params ", fix=PARAMS_FIX)
   if key is not None:
     _remember(key, leaves, v)
-  return v
+  return v, key is None and any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def mark_checked(params, v: Variant) -> None:

@@ -59,10 +59,10 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, key: jax.Array | None = None
   inf; traced ones (under jit, grad, vmap) cannot be: a NaN pixel or weight there gives a NaN distance (and NaN
   gradients) for its pair without an error.
   """
-  v = check_params(params)
+  v, traced = checks.checked_params(params)
   options = dict(variant=v, per_layer=per_layer, normalize=normalize, dtype=dtype, precision=precision, remat=remat,
                  **variant_options(v, key, samples, spatial))
-  if not checks.values_known(a, b) or _traced(params, key):  # under a transformation: no fused value check
+  if traced or isinstance(key, jax.core.Tracer) or not checks.values_known(a, b):  # transformed: no fused check
     check_images(a, b, v.net, normalize=normalize)  # values only if concrete
     return distance_of_checked(params, a, b, **options)
   # Concrete images: their value check is computed in the distance's own call and read back once, after it (an
@@ -95,10 +95,9 @@ def features(params, x: ArrayLike, *, key: jax.Array | None = None, normalize: b
   if NETS[v.net].ensemble:
     checks.check_sampling(v.net, key, 1, concrete=True)
     taps = elpips.sample_taps(v, params, x, key, normalize=normalize, dtype=dtype, precision=precision, remat=remat)
-  else:
-    checks.check_sampling(v.net, key, 1)
-    taps = trunk_taps(v, params, x, normalize, dtype, precision, remat)
-  return tuple(map(unit_normalize, taps))
+    return tuple(map(unit_normalize, taps))
+  checks.check_sampling(v.net, key, 1)
+  return normalized_taps(params, x, variant=v, normalize=normalize, dtype=dtype, precision=precision, remat=remat)
 
 
 def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | None = None, per_layer: bool = False,
@@ -116,8 +115,8 @@ def distance_from_features(params, f0, f1, *, spatial_size: tuple[int, int] | No
   spatial_size = check_spatial_size(spatial_size)
   if NETS[v.net].ensemble and spatial_size is not None:
     raise InputError(checks.NOT_SPATIAL)
-  return compare(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
-                  dropout_rng=dropout_rng)
+  return _compare_features(v, params, f0, f1, raw=False, spatial_size=spatial_size, per_layer=per_layer,
+                           dropout_rng=dropout_rng)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
@@ -133,6 +132,13 @@ def pipeline(params, a, b, *, variant: Variant, spatial: bool, per_layer: bool, 
                   per_layer=per_layer, remat=remat)
 
 
+@functools.partial(jax.jit, static_argnames=("variant", "normalize", "dtype", "precision", "remat"))
+def normalized_taps(params, x, *, variant: Variant, normalize: bool, dtype=None, precision=None, remat: bool = False):
+  """`features` of checked params and images (one compiled program: called eagerly, the trunk's operations would
+  each be dispatched, and compiled for each new shape, one by one)."""
+  return tuple(map(unit_normalize, trunk_taps(variant, params, x, normalize, dtype, precision, remat)))
+
+
 def variant_options(v: Variant, key, samples, spatial: bool) -> dict:
   """The options of `distance_of_checked` that depend on the variant: E-LPIPS's key and samples (checked), or the
   other nets' `spatial`."""
@@ -140,10 +146,6 @@ def variant_options(v: Variant, key, samples, spatial: bool) -> dict:
     return dict(key=checks.check_sampling(v.net, key, samples, spatial=spatial), samples=int(samples))
   checks.check_sampling(v.net, key, samples)
   return dict(spatial=spatial)
-
-
-def _traced(*trees) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
 def distance_of_checked(params, a, b, *, key=None, **options):
@@ -192,6 +194,10 @@ def compare(v: Variant, params, u0, u1, *, raw: bool, spatial_size=None, per_lay
   for t in terms[1:]:  # a running sum in layer order, as the official
     out = out + t
   return (out, terms) if per_layer else out
+
+
+# `distance_from_features`'s computation, one program (eagerly, each operation would be dispatched on its own).
+_compare_features = jax.jit(compare, static_argnums=0, static_argnames=("raw", "spatial_size", "per_layer", "remat"))
 
 
 def unit_normalize(f: jax.Array) -> jax.Array:

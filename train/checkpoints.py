@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,10 +150,13 @@ def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
 
 def _drop_abandoned_orbax_reads() -> None:
   """From now on, drop the "Exception ignored in: <coroutine ...>" reports of Orbax's abandoned reads (each a long
-  traceback, printed whenever they are collected, possibly much later); every other report is printed as before."""
+  traceback, printed whenever they are collected, possibly much later); every other report is printed as before.
+  Reads that never started warn "coroutine ... was never awaited" when collected instead (seen with
+  OMP_NUM_THREADS=1): those warnings are dropped too (this program awaits no coroutine of its own)."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_orbax_reads", False):
     return
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
   def hook(report):
     code = getattr(report.object, "cr_code", None)
