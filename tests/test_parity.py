@@ -26,7 +26,9 @@ GOLDEN = {"alex": (0.721881, 0.137566), "vgg": (0.568613, 0.421664), "squeeze": 
 def random_trunk_pair(make_official, net, version, lpips):
   """(official model with a torchvision-random trunk and the packaged heads, our params converted from it)."""
   model = make_official(net, version, lpips, seed=len(net) + 10 * lpips)
-  return model, from_lpips_state_dict(model.state_dict(), net, version)
+  # On the device, as `lpips_jax.load` places its params: tests/test_lpips.py's calls of the same shapes then compile
+  # the same programs (numpy params lower differently), which the persistent cache shares.
+  return model, jax.device_put(from_lpips_state_dict(model.state_dict(), net, version))
 
 
 def pair_images(shape, seed):
