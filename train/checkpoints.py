@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -94,7 +95,7 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
     try:  # the position first: the settings are compared before the state tree is read
       saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore())).position
       changed = _check_resumable(saved, position, workdir, step)
-      with _stray_output_hidden():
+      with _stray_output_hidden(Path(manager.directory) / str(step)):
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))).state
       break
     except ResumeError:
@@ -118,7 +119,7 @@ def restore_or_start(manager, state: TrainState, position: dict, workdir: Path, 
 
 
 @contextlib.contextmanager
-def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
+def _stray_output_hidden(checkpoint: Path, grace: float = 0.5) -> Iterator[None]:
   """Hide what a failing Orbax restore prints from its threads: when one array file fails to read, Orbax closes its
   event loop while tensorstore still completes the other reads, whose callbacks then print "Event loop is closed"
   tracebacks, and the abandoned coroutines print again when they are collected; dozens of tracebacks, some after
@@ -134,7 +135,7 @@ def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
     failed = False
   finally:
     if failed:
-      _drop_abandoned_orbax_reads()
+      _drop_abandoned_orbax_reads(checkpoint)
       gc.collect()
       time.sleep(grace)
       gc.collect()
@@ -148,11 +149,21 @@ def _stray_output_hidden(grace: float = 0.5) -> Iterator[None]:
     capture.close()
 
 
-def _drop_abandoned_orbax_reads() -> None:
+def _drop_abandoned_orbax_reads(checkpoint: Path) -> None:
   """From now on, drop the "Exception ignored in: <coroutine ...>" reports of Orbax's abandoned reads (each a long
   traceback, printed whenever they are collected, possibly much later); every other report is printed as before.
   Reads that never started warn "coroutine ... was never awaited" when collected instead (seen with
-  OMP_NUM_THREADS=1): those warnings are dropped too (this program awaits no coroutine of its own)."""
+  OMP_NUM_THREADS=1): those warnings are dropped too (this program awaits no coroutine of its own). And asyncio logs
+  "Future exception was never retrieved" with the failed read's error (for a gathered read, a TensorStore spec of a
+  hundred lines) when a future nobody awaited any more is collected: those that name `checkpoint`, the folder that
+  failed to read, are dropped."""
+  inside = os.path.join(checkpoint, "")  # its files' paths, not checkpoint 120's when 12 failed
+
+  def unretrieved(record):
+    message = record.getMessage()
+    return "exception was never retrieved" in message and inside in message
+
+  logging.getLogger("asyncio").addFilter(lambda record: not unretrieved(record))
   previous = sys.unraisablehook
   if getattr(previous, "drops_orbax_reads", False):
     return
