@@ -67,6 +67,20 @@ def import_stlpips():
   return stlpips
 
 
+# The files whose tests run longest (a training run, 8 pairs of 3000x3000 images, E-LPIPS over 300 samples, command
+# subprocesses), collected first: pytest-xdist hands tests out in collection order, so the two workers then end on
+# short tests instead of one idling while the other finishes a minute-long one (~60 s of the suite's end, before).
+LONGEST_FIRST = ("test_train.py", "test_cli_memory.py", "test_elpips.py", "test_device_bench.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+  for item in items:  # one worker builds the synthetic BAPPS set (~20 s) and runs every test that reads it
+    if "synthetic" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("synthetic"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_executables():
   """Drop JAX's compiled executables after each test file (the persistent cache above makes them cheap to get
