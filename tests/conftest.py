@@ -76,9 +76,6 @@ LONGEST_FIRST = ("test_train.py", "test_cli_memory.py", "test_elpips.py", "test_
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
-  for item in items:  # one worker builds the synthetic BAPPS set (~20 s) and runs every test that reads it
-    if "synthetic" in getattr(item, "fixturenames", ()):
-      item.add_marker(pytest.mark.xdist_group("synthetic"))
 
 
 @pytest.fixture(autouse=True, scope="module")

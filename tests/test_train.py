@@ -2,6 +2,7 @@
 loss scaling; the log's per-example averages; the config's checks and help texts; learning end to end through
 `lpips-jax train` (float32 and bfloat16); exact resume after SIGKILL."""
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -394,13 +395,43 @@ def records(workdir, kind):
   return [r for r in lines if r["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-  """A BAPPS-layout dataset of real photographs judged by the released Alex-lin plus noise (train/synthetic.py)."""
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+  """The folder `name` after `build(folder)`, made once per test run: pytest-xdist's workers share it (the first to
+  ask builds it under a lock; the others wait, then read it). A session fixture alone would build it once per
+  worker, and a module fixture again each time a worker came back to this file after another's tests."""
+  if worker_id == "master":  # no xdist: this process's own temporary folder
+    folder = tmp_path_factory.mktemp(name)
+    build(folder)
+    return folder
+  shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+  folder = shared / name
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (folder / "built").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      (folder / "built").touch()
+  return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory, worker_id):
+  """A BAPPS-layout dataset of real photographs judged by the released Alex-lin plus noise (train/synthetic.py),
+  and the teacher's distances and judgments of each set."""
   from lpips_jax.train.synthetic import build
 
-  root = tmp_path_factory.mktemp("bapps")
-  return root, build(root, n_train=1000, n_val=300, n_jnd=20)
+  def make(root):
+    sets = build(root, n_train=1000, n_val=300, n_jnd=20)
+    np.savez(root / "sets.npz", **{f"{s}/{k}": v for s, values in sets.items() for k, v in values.items()})
+
+  root = built_once(tmp_path_factory, worker_id, "bapps", make)
+  sets = {}
+  with np.load(root / "sets.npz") as saved:
+    for key in saved.files:
+      s, k = key.split("/")
+      sets.setdefault(s, {})[k] = saved[key]
+  return root, sets
 
 
 def test_training_learns_the_teachers_judgments_in_float32_and_bfloat16(synthetic, tmp_path):
@@ -493,15 +524,17 @@ SMALL = ["--datasets", "small", "--val_datasets", "--batch_size", 10, "--epochs"
          "--log_every", 1, "--checkpoint_every", 5, "--keep_checkpoints", 3]
 
 
-@pytest.fixture(scope="module")
-def finished(synthetic, tmp_path_factory):
-  """A finished run of SMALL (its work directory) and the arguments that made it, less --workdir."""
-  root = tmp_path_factory.mktemp("finished")
-  first_triplets(synthetic[0], root / "data", 60)
-  args = ["--dataroot", root / "data", *SMALL]
-  command([*args, "--workdir", root / "run"])
+@pytest.fixture(scope="session")
+def finished(synthetic, tmp_path_factory, worker_id):
+  """A finished run of SMALL (its work directory, which tests copy before changing) and the arguments that made it,
+  less --workdir."""
+  def make(root):
+    first_triplets(synthetic[0], root / "data", 60)
+    command(["--dataroot", root / "data", *SMALL, "--workdir", root / "run"])
+
+  root = built_once(tmp_path_factory, worker_id, "finished", make)
   assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["10", "12", "5"]
-  return root / "run", args
+  return root / "run", ["--dataroot", root / "data", *SMALL]
 
 
 def copy_run(finished, to):
