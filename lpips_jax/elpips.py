@@ -32,9 +32,9 @@ OFFSET_MAX = 7  # offsets 0..7: every offset pads 7 rows and 7 columns in all (B
 COLOR_MIN = 0.2  # colour scales are uniform in [0.2, 1)
 PERMUTATIONS = np.array(list(itertools.permutations(range(3))), np.int32)  # in the reference's order (C.7)
 FLIPS = 4  # 0: columns reversed, 1: rows reversed, 2: both, 3: none
-# P(s) proportional to 1 / s^2: the boundaries between the levels' intervals of [0, 1), in units of 2^-24.
-_SCALE_CDF = (np.cumsum(1 / np.arange(1, SCALE_LEVELS + 1) ** 2)[:-1] / np.sum(1 / np.arange(1, SCALE_LEVELS + 1) ** 2)
-              * 2**24).astype(np.uint32)
+_SCALE_WEIGHTS = 1 / np.arange(1, SCALE_LEVELS + 1) ** 2  # P(s) proportional to 1 / s^2
+# The boundaries between the levels' intervals of [0, 1), in units of 2^-24.
+_SCALE_CDF = (np.cumsum(_SCALE_WEIGHTS)[:-1] / _SCALE_WEIGHTS.sum() * 2**24).astype(np.uint32)
 
 
 class Transform(NamedTuple):
@@ -79,10 +79,10 @@ def sample(key: jax.Array, n: int, dtype=jnp.float32) -> Transform:
   past = np.arange(width)[None, :] >= length
   hi, lo = (jnp.where(past, np.uint32(2**32 - 1), k) for k in (hi, lo))
   _, _, order = jax.lax.sort((hi, lo, jnp.broadcast_to(jnp.arange(width), (5, width))), num_keys=2)
-  flip = jnp.asarray(np.arange(flips) % FLIPS)[order[0, :flips]][:n]
+  flip = jnp.asarray(np.arange(flips) % FLIPS)[order[0, :n]]  # the first n of the shuffled cycles
   strata = (jitter + jnp.arange(n, dtype=dtype)[None, :]) / n  # [3, n]: one value in each stratum, in order
   color_scale = COLOR_MIN + (1 - COLOR_MIN) * jnp.take_along_axis(strata, order[1:4, :n], axis=1).T
-  permutation = jnp.asarray(np.tile(PERMUTATIONS, (perms // 6, 1)))[order[4, :perms]][:n]
+  permutation = jnp.asarray(np.tile(PERMUTATIONS, (perms // 6, 1)))[order[4, :n]]
   return Transform(scale, scale_pad, offset, flip, transpose, permutation, color_scale)
 
 
