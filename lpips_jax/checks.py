@@ -129,7 +129,7 @@ def check_arrays(tree, *, prefix: str, fix: str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise InputError(f"{prefix}{key} has dtype {dtype}; LPIPS weights are real floating-point arrays: {fix}")
   concrete = [(key, x) for key, x in leaves if not isinstance(x, jax.core.Tracer) and np.size(x)]
-  for (key, x), (_, _, finite) in zip(concrete, _extrema([x for _, x in concrete]) if concrete else []):
+  for (key, x), finite in zip(concrete, _all_finite([x for _, x in concrete]) if concrete else []):
     if not finite:
       raise InputError(f"{prefix}{key} has {_nonfinite(x)}: the weights are damaged (a diverged training run or "
                        f"a bad conversion); {fix}")
@@ -226,7 +226,7 @@ def check_features(f0, f1, net: str) -> None:
                        f"of the same shape are needed")
   concrete = [(f"{name}[{k}]", t) for name, f in (("f0", f0), ("f1", f1)) for k, t in enumerate(f)
               if not isinstance(t, jax.core.Tracer) and np.size(t)]
-  for (name, t), (_, _, finite) in zip(concrete, _extrema([t for _, t in concrete]) if concrete else []):
+  for (name, t), finite in zip(concrete, _all_finite([t for _, t in concrete]) if concrete else []):
     if not finite:
       raise InputError(f"{name} has {_nonfinite(t)}: features of finite images are finite; check the images or "
                        f"params they came from")
@@ -411,6 +411,24 @@ def _extrema(arrays: list) -> list[tuple]:
 @jax.jit
 def _device_extrema(arrays: list) -> list:
   return [value_stats(x) for x in arrays]
+
+
+def _all_finite(arrays: list) -> list[bool]:
+  """Whether each concrete, non-empty array is finite: weights and features need no range, and one reduction per
+  array, with one output for all of them, compiles in half the time of their `value_stats` (~0.4 s for SqueezeNet's
+  59 weights on CPU, once per params structure)."""
+  on_device = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
+  out = [bool(np.isfinite(np.asarray(x)).all()) if i not in on_device else None for i, x in enumerate(arrays)]
+  if on_device:
+    with jax.ensure_compile_time_eval():
+      for i, finite in zip(on_device, read_back(_device_finite([arrays[i] for i in on_device]))):
+        out[i] = bool(finite)
+  return out
+
+
+@jax.jit
+def _device_finite(arrays: list) -> jax.Array:
+  return jnp.stack([jnp.sum(x - x).astype(jnp.float32) for x in arrays]) == 0  # NaN unless finite (`value_stats`)
 
 
 def _nonfinite(x) -> str:

@@ -69,8 +69,14 @@ def distance(params, a: ArrayLike, b: ArrayLike, *, key: jax.Array | None = None
   # error is raised before the result is returned); a separate reduction and read before it cost ~8% of an AlexNet
   # call at batch 8 on CPU (bench/eager.py).
   checks.check_image_pair(a, b, v.net)
-  out, stats = _pipeline_checking(params, a, b, **options)
+  # One eager program for the mean with and without `per_layer`: its terms are [N] each, one stacked output, so
+  # toggling the option compiles nothing new (a map per layer, with `spatial`, would be a cost; not there).
+  merged = not spatial and not NETS[v.net].ensemble
+  out, stats = _pipeline_checking(params, a, b, **{**options, "per_layer": merged or per_layer}, stack_terms=merged)
   checks.check_image_values({"a": a, "b": b}, checks.read_back(stats), normalize)
+  if merged:
+    total, terms = out
+    return (total, list(terms)) if per_layer else total
   return out
 
 
@@ -157,10 +163,14 @@ def distance_of_checked(params, a, b, *, key=None, **options):
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "spatial", "per_layer", "normalize", "dtype", "precision",
-                                             "remat", "samples"))
-def _pipeline_checking(params, a, b, **options):
-  """`distance_of_checked` and the `value_stats` of both images, in one computation."""
-  return distance_of_checked(params, a, b, **options), [checks.value_stats(a), checks.value_stats(b)]
+                                             "remat", "samples", "stack_terms"))
+def _pipeline_checking(params, a, b, *, stack_terms: bool = False, **options):
+  """`distance_of_checked` and the `value_stats` of both images, in one computation; `stack_terms`: the per-layer
+  terms as one array [L, ...] (one output buffer instead of L)."""
+  out = distance_of_checked(params, a, b, **options)
+  if stack_terms:
+    out = out[0], jnp.stack(out[1])
+  return out, [checks.value_stats(a), checks.value_stats(b)]
 
 
 def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat, dropout=None, *,
@@ -168,10 +178,20 @@ def trunk_taps(v: Variant, params, x, normalize, dtype, precision, remat, dropou
   """The raw trunk taps, float32 (or float64), before the channel normalisation. E-LPIPS's (`backbones.VGG16Avg`):
   `dropout`, the key of the trunk's dropout masks, the same for each of the batch's `mask_groups` equal groups;
   `valid`, the size of the image on its canvas."""
-  trunk = NETS[v.net].trunk(dtype=dtype, precision=precision, remat=remat,
-                            **({"mask_groups": mask_groups} if dropout is not None else {}))
-  taps = trunk.apply({"params": params[v.net]}, _scale_input(v, params, x, normalize),
-                     *(() if valid is None else (valid,)), rngs=None if dropout is None else {"dropout": dropout})
+  return _trunk(v.net, dtype, precision, remat, None if dropout is None else mask_groups, params[v.net],
+                _scale_input(v, params, x, normalize), valid, dropout)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _trunk(net: str, dtype, precision, remat: bool, mask_groups: int | None, trunk_params, x, valid, dropout):
+  """`trunk_taps` after the input scaling. Its own jit, for tracing only: the two images of a distance, and every
+  program of the same trunk and image shape in a process, reuse one trace of the Flax modules (~0.1 s each for
+  SqueezeNet, most of a program's tracing) and one lowered function. XLA inlines the calls before optimising, so
+  the compiled computation is the same."""
+  trunk = NETS[net].trunk(dtype=dtype, precision=precision, remat=remat,
+                          **({} if mask_groups is None else {"mask_groups": mask_groups}))
+  taps = trunk.apply({"params": trunk_params}, x, *(() if valid is None else (valid,)),
+                     rngs=None if dropout is None else {"dropout": dropout})
   return tuple(t.astype(_float32_or_wider(t.dtype)) for t in taps)
 
 
